@@ -1,0 +1,395 @@
+"""The one typed configuration tree of ma-ray: YAML in and out, dotted overrides, validation.
+
+Every number of the methodology (the "paper preset") is a default here or in
+``cluster/paper-16gpu.yaml``; no other module keeps its own copy. Errors are
+``ConfigError`` with a one-line message that names the key path and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the package cannot run; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    attention_head_size: int = 128
+    intermediate_size: int = 16384  # hidden size of each expert's feed-forward
+    hidden_act: Literal["gelu"] = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    # The seed fixes no vocabulary; GPT-2's BPE size is the usual default for a 4k-hidden model.
+    vocab_size: int = 50257
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 16
+    top_k: int = 2
+    capacity_factor: float = 1.0
+    # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The seed's
+    # "expert_capacity: 2048" contradicts its capacity_factor 1.0 (which gives 16384 at micro-batch
+    # 64 x 2048, top-2, 16 experts); the presets follow the capacity factor (see README).
+    expert_capacity: Optional[int] = None
+    aux_loss_alpha: float = 0.01
+    seq_aux: bool = True
+    router_z_loss_coef: float = 0.001
+    norm_topk_prob: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    num_nodes: int = 4
+    gpus_per_node: int = 4
+    attention_gpus: int = 12
+    # Start a local Ray cluster whose nodes and GPUs are emulated with fake resources.
+    emulate: bool = False
+    # Ray address to join when not emulating ("auto" = the cluster `ray job submit` runs in).
+    address: str = "auto"
+    placement_timeout_s: float = 60.0
+
+
+@dataclass
+class BalanceConfig:
+    enabled: bool = True
+    imbalance_threshold: float = 0.15
+    rebalancing_interval: int = 100
+    min_attention_gpus: int = 8
+    max_attention_gpus: int = 14
+    # Seed time model, as written: [constant, seq_len, hidden_dim] and
+    # [constant, expert_dim, active_experts] coefficients, in seconds.
+    attn_time_coef: List[float] = field(default_factory=lambda: [0.0012, 0.000034, 0.0000087])
+    moe_time_coef: List[float] = field(default_factory=lambda: [0.0008, 0.000045, 0.000012])
+
+
+@dataclass
+class CommConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    synchronization_timeout_ms: int = 5000
+    attention_stream_priority: int = 0
+    moe_stream_priority: int = 1
+    sparsification_ratio: float = 0.1
+    quantization_bits: int = 8
+    compression_overhead: float = 0.05
+    max_concurrent_communications: int = 4
+    communication_chunk_size: int = 1024
+    overlap_efficiency_target: float = 0.85
+    micro_batches_in_flight: int = 1
+    hierarchical_allreduce: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1024
+    seq_length: int = 2048
+    micro_batch_size: int = 64
+    gradient_accumulation_steps: int = 16
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    num_train_steps: int = 50000
+    warmup_steps: int = 5000
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    gradient_clipping: float = 1.0
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = True
+    seed: int = 0
+    checkpoint_interval: int = 1000
+
+
+@dataclass
+class DataConfig:
+    # synthetic: seeded random tokens; text: byte-level tokens of a file or folder;
+    # bin: a uint16 memmap of token ids. path null with text = the standard library's sources.
+    kind: Literal["synthetic", "text", "bin"] = "synthetic"
+    path: Optional[str] = None
+
+
+@dataclass
+class MemoryConfig:
+    # The seed's per-GPU memory figures, kept as budgets the plan compares its estimate with.
+    attention_gpu_budget_gb: float = 123.7
+    moe_gpu_budget_gb: float = 123.7
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.cluster.num_nodes * self.cluster.gpus_per_node
+
+    @property
+    def moe_gpus(self) -> int:
+        return self.total_gpus - self.cluster.attention_gpus
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A validated copy with dotted keys replaced, e.g. ``replace(**{"moe.top_k": 1})``."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``1e-4`` (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+
+
+def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = _parse_yaml(p.read_text(), str(p))
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. moe.top_k=1")
+        _set_dotted(data, key.strip(), _parse_yaml(raw, f"override {key.strip()}"))
+    return from_dict(data)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# --- typed construction ----------------------------------------------------------------------
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested plain data; unknown keys and wrong types fail."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{_join(path, str(key))}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], _join(path, f.name))
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in this module, not input
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Check every cross-field rule; raises ConfigError naming the first broken one."""
+    m, moe, c, b, comm, t = cfg.model, cfg.moe, cfg.cluster, cfg.balance, cfg.comm, cfg.train
+
+    for path, value in [
+        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.attention_head_size", m.attention_head_size),
+        ("model.intermediate_size", m.intermediate_size),
+        ("model.max_position_embeddings", m.max_position_embeddings),
+        ("model.vocab_size", m.vocab_size), ("moe.num_experts", moe.num_experts),
+        ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes),
+        ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
+        ("comm.max_concurrent_communications", comm.max_concurrent_communications),
+        ("comm.communication_chunk_size", comm.communication_chunk_size),
+        ("comm.micro_batches_in_flight", comm.micro_batches_in_flight),
+        ("comm.synchronization_timeout_ms", comm.synchronization_timeout_ms),
+        ("comm.quantization_bits", comm.quantization_bits),
+        ("train.batch_size", t.batch_size), ("train.seq_length", t.seq_length),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("train.checkpoint_interval", t.checkpoint_interval),
+    ]:
+        _require(value >= 1, f"{path}: must be at least 1, got {value}")
+
+    for path, value in [
+        ("model.initializer_range", m.initializer_range), ("model.layer_norm_eps", m.layer_norm_eps),
+        ("moe.aux_loss_alpha", moe.aux_loss_alpha), ("moe.router_z_loss_coef", moe.router_z_loss_coef),
+        ("balance.imbalance_threshold", b.imbalance_threshold),
+        ("comm.compression_overhead", comm.compression_overhead),
+        ("train.learning_rate", t.learning_rate), ("train.min_learning_rate", t.min_learning_rate),
+        ("train.weight_decay", t.weight_decay), ("train.gradient_clipping", t.gradient_clipping),
+        ("train.adam_eps", t.adam_eps), ("train.num_train_steps", t.num_train_steps),
+        ("train.warmup_steps", t.warmup_steps), ("cluster.placement_timeout_s", c.placement_timeout_s),
+        ("memory.attention_gpu_budget_gb", cfg.memory.attention_gpu_budget_gb),
+        ("memory.moe_gpu_budget_gb", cfg.memory.moe_gpu_budget_gb),
+    ]:
+        _require(value >= 0 and math.isfinite(value), f"{path}: must not be negative, got {value}")
+
+    for path, value in [
+        ("model.hidden_dropout_prob", m.hidden_dropout_prob),
+        ("model.attention_probs_dropout_prob", m.attention_probs_dropout_prob),
+        ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2),
+    ]:
+        _require(0.0 <= value < 1.0, f"{path}: must be in [0, 1), got {value}")
+    _require(0.0 < comm.sparsification_ratio <= 1.0,
+             f"comm.sparsification_ratio: must be in (0, 1], got {comm.sparsification_ratio}")
+    _require(0.0 < comm.overlap_efficiency_target <= 1.0,
+             f"comm.overlap_efficiency_target: must be in (0, 1], got {comm.overlap_efficiency_target}")
+    _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")
+    _require(len(b.moe_time_coef) == 3, f"balance.moe_time_coef: needs 3 coefficients, got {len(b.moe_time_coef)}")
+
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads ({m.num_attention_heads})")
+    _require(m.attention_head_size * m.num_attention_heads == m.hidden_size,
+             f"model.attention_head_size: must equal hidden_size / num_attention_heads "
+             f"({m.hidden_size // m.num_attention_heads}), got {m.attention_head_size}")
+    _require(moe.top_k <= moe.num_experts,
+             f"moe.top_k: {moe.top_k} is larger than moe.num_experts ({moe.num_experts})")
+    _require(moe.capacity_factor > 0, f"moe.capacity_factor: must be > 0, got {moe.capacity_factor}")
+    _require(moe.expert_capacity is None or moe.expert_capacity >= 1,
+             f"moe.expert_capacity: must be null or at least 1, got {moe.expert_capacity}")
+
+    _require(b.min_attention_gpus <= b.max_attention_gpus,
+             f"balance.min_attention_gpus: {b.min_attention_gpus} is greater than "
+             f"balance.max_attention_gpus ({b.max_attention_gpus})")
+    check_split(cfg, c.attention_gpus, key="cluster.attention_gpus")
+
+    _require(t.batch_size % t.micro_batch_size == 0,
+             f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size ({t.batch_size})")
+    _require(t.gradient_accumulation_steps * t.micro_batch_size == t.batch_size,
+             f"train.gradient_accumulation_steps: must be batch_size / micro_batch_size "
+             f"({t.batch_size // t.micro_batch_size}), got {t.gradient_accumulation_steps}")
+    _require(t.seq_length <= m.max_position_embeddings,
+             f"train.seq_length: {t.seq_length} exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+    _require(t.min_learning_rate <= t.learning_rate,
+             f"train.min_learning_rate: {t.min_learning_rate} exceeds train.learning_rate ({t.learning_rate})")
+    _require(t.warmup_steps <= t.num_train_steps,
+             f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
+    _require(cfg.data.kind != "bin" or cfg.data.path is not None,
+             "data.path: required when data.kind is bin")
+
+
+def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs") -> None:
+    """Raise ConfigError unless ``attention_gpus`` is within the policy range and the topology holds it."""
+    b, m, moe = cfg.balance, cfg.model, cfg.moe
+    total = cfg.total_gpus
+    moe_gpus = total - attention_gpus
+    _require(b.min_attention_gpus <= attention_gpus <= b.max_attention_gpus,
+             f"{key}: {attention_gpus} is outside [balance.min_attention_gpus, balance.max_attention_gpus] "
+             f"= [{b.min_attention_gpus}, {b.max_attention_gpus}]")
+    _require(attention_gpus >= 1, f"{key}: must be at least 1, got {attention_gpus}")
+    _require(moe_gpus >= 1,
+             f"{key}: {attention_gpus} leaves {moe_gpus} MoE GPUs of the {total} in the topology; at least 1 is needed")
+    _require(moe_gpus <= moe.num_experts,
+             f"{key}: {attention_gpus} leaves {moe_gpus} MoE GPUs for only {moe.num_experts} experts (moe.num_experts)")
+    _require(attention_gpus <= m.num_attention_heads,
+             f"{key}: {attention_gpus} attention GPUs exceed the {m.num_attention_heads} heads (model.num_attention_heads)")

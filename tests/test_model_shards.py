@@ -1,0 +1,202 @@
+"""The sharded pieces composed in one process equal the reference model (no Ray).
+
+The composition runs the same stage functions an attention worker and a MoE worker run, with
+the collectives replaced by their in-process meaning: all-gather = concatenation of token slices,
+reduce-scatter = sum then slice; replicated attention-side parameters are one module, so autograd
+sums their per-slice gradients exactly as the pool's all-reduce does.
+"""
+
+import pytest
+import torch
+
+from ma_ray import config as C
+from ma_ray.model import dispatch as D
+from ma_ray.model import router as R
+from ma_ray.model.attention import AttentionShard
+from ma_ray.model.compare import max_relative_error, scalar_relative_error
+from ma_ray.model.attention_side import AttentionSideParams
+from ma_ray.model.experts import ExpertGroup
+from ma_ray.model.naming import export_global, import_global, initialize, prefixed
+from ma_ray.model.reference import MoETransformer, combine_loss
+
+
+def split_counts(n, parts):
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def ranges(n, parts):
+    out, lo = [], 0
+    for c in split_counts(n, parts):
+        out.append(list(range(lo, lo + c)))
+        lo += c
+    return out
+
+
+def make_cfg(**over):
+    base = {
+        "model.num_layers": 2, "model.hidden_size": 24, "model.num_attention_heads": 6,
+        "model.attention_head_size": 4, "model.intermediate_size": 32, "model.vocab_size": 50,
+        "model.max_position_embeddings": 16, "model.hidden_dropout_prob": 0.0,
+        "model.attention_probs_dropout_prob": 0.0, "moe.num_experts": 5, "moe.top_k": 2,
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 5, "cluster.attention_gpus": 3,
+        "balance.min_attention_gpus": 1, "balance.max_attention_gpus": 4,
+        "train.seq_length": 8, "train.micro_batch_size": 3, "train.batch_size": 3,
+        "train.gradient_accumulation_steps": 1, "train.mixed_precision": "fp32",
+    }
+    base.update(over)
+    return C.Config().replace(**base)
+
+
+class Composed(torch.nn.Module):
+    """Attention shards over ``head_groups``, expert groups over ``expert_groups``, tokens cut
+    into ``len(head_groups)`` slices, one per attention worker."""
+
+    def __init__(self, cfg, head_groups, expert_groups):
+        super().__init__()
+        self.cfg = cfg
+        L = cfg.model.num_layers
+        self.side = AttentionSideParams(cfg)
+        self.shards = torch.nn.ModuleList(
+            torch.nn.ModuleList(AttentionShard(cfg.model, g) for g in head_groups) for _ in range(L))
+        self.groups = torch.nn.ModuleList(
+            torch.nn.ModuleList(ExpertGroup(cfg.model, g) for g in expert_groups) for _ in range(L))
+
+    def global_slices(self):
+        out = list(prefixed(self.side.global_slices(), "side"))
+        for l in range(self.cfg.model.num_layers):
+            for i, s in enumerate(self.shards[l]):
+                out += prefixed(s.global_slices(l), f"shards.{l}.{i}")
+            for i, e in enumerate(self.groups[l]):
+                out += prefixed(e.global_slices(l), f"groups.{l}.{i}")
+        return out
+
+    def forward(self, ids, targets):
+        cfg, moe = self.cfg, self.cfg.moe
+        b, t = ids.shape
+        n, k, E = b * t, moe.top_k, moe.num_experts
+        slices = ranges(n, len(self.shards[0]))
+        flat_ids, flat_tg = ids.reshape(-1), targets.reshape(-1)
+        pos = torch.arange(t).repeat(b)
+        xs = [self.side.embed(flat_ids[s], pos[s]) for s in slices]
+        cap = R.capacity(n, k, E, moe.capacity_factor, moe.expert_capacity)
+        aux = z = torch.zeros(())
+        for l in range(cfg.model.num_layers):
+            h = torch.cat([self.side.pre_attention(l, x) for x in xs]).reshape(b, t, -1)   # all-gather
+            partial = sum(shard(h) for shard in self.shards[l]).reshape(n, -1)              # reduce-
+            routed = [self.side.post_attention(l, x, partial[s]) for x, s in zip(xs, slices)]  # scatter
+            probs, topk_p, topk_i = zip(*[R.route(logits, k, moe.norm_topk_prob) for _, _, logits in routed])
+            all_idx = torch.cat(topk_i)                                                     # all-gather
+            keep = R.capacity_keep(all_idx, E, cap)
+            counts = R.expert_counts(all_idx, E, t, moe.seq_aux)
+            new_xs = []
+            for r, (s, (x1, h2, logits)) in enumerate(zip(slices, routed)):
+                order, per_expert = D.dispatch_order(topk_i[r], keep[s], E)
+                rows = D.gather_rows(h2, order, k)
+                outs, lo = [], 0
+                for group in self.groups[l]:                                                # to MoE workers
+                    c = per_expert[group.experts].tolist()
+                    outs.append(group(rows[lo:lo + sum(c)], c))
+                    lo += sum(c)
+                y = D.combine(len(s), torch.cat(outs), order, topk_p[r], k)
+                new_xs.append(self.side.post_moe(x1, y))
+                aux = aux + R.load_balance_loss(probs[r], s[0], counts, t, n, k, moe.seq_aux)
+                z = z + R.z_loss(logits, n)
+            xs = new_xs
+        ce = sum(self.side.ce_sum(x, flat_tg[s]) for x, s in zip(xs, slices)) / n
+        return combine_loss(cfg, ce, aux, z)
+
+
+def rel_err(a, b):
+    return scalar_relative_error(float(a.detach()), float(b.detach()))
+
+
+def check_equivalence(cfg, head_groups, expert_groups, seed=0, expect_drops=None):
+    torch.manual_seed(seed)
+    ref = MoETransformer(cfg, seed=seed)
+    comp = Composed(cfg, head_groups, expert_groups)
+    import_global(comp, comp.global_slices(), export_global(ref, ref.global_slices()))
+    b, t = cfg.train.micro_batch_size, cfg.train.seq_length
+    ids = torch.randint(0, cfg.model.vocab_size, (b, t))
+    tg = torch.randint(0, cfg.model.vocab_size, (b, t))
+    lr, lc = ref(ids, tg), comp(ids, tg)
+    for part in ("total", "ce", "aux", "z"):
+        assert rel_err(getattr(lc, part), getattr(lr, part)) < 1e-5, part
+    lr.total.backward()
+    lc.total.backward()
+    gr = export_global(ref, ref.global_slices(), "grad")
+    gc = export_global(comp, comp.global_slices(), "grad")
+    assert len(gr) == len(ref.global_slices())
+    err, worst = max_relative_error(gc, gr)
+    assert err < 1e-5, (worst, err)
+    if expect_drops is not None:
+        # Confirm the case really exercises (or avoids) capacity drops.
+        x = ref.drop(ref.tokens(ids) + ref.positions(torch.arange(t)))
+        x = x + ref.blocks[0].attn(ref.blocks[0].ln1(x))
+        logits = ref.blocks[0].moe.gate(ref.blocks[0].ln2(x).reshape(b * t, -1))
+        _, _, idx = R.route(logits, cfg.moe.top_k, cfg.moe.norm_topk_prob)
+        cap = R.capacity(b * t, cfg.moe.top_k, cfg.moe.num_experts, cfg.moe.capacity_factor, cfg.moe.expert_capacity)
+        dropped = int((~R.capacity_keep(idx, cfg.moe.num_experts, cap)).sum())
+        assert (dropped > 0) == expect_drops
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("seq_aux", [True, False])
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_uneven_shards_match_reference(top_k, seq_aux, norm_topk_prob):
+    cfg = make_cfg(**{"moe.top_k": top_k, "moe.seq_aux": seq_aux, "moe.norm_topk_prob": norm_topk_prob})
+    # 6 heads over 4 workers (2,2,1,1); 5 experts over 2 groups (3,2).
+    check_equivalence(cfg, [[0, 1], [2, 3], [4], [5]], [[0, 1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("cf, drops", [(0.5, True), (4.0, False)])
+def test_capacity_drops_match_reference(cf, drops):
+    cfg = make_cfg(**{"moe.capacity_factor": cf})
+    check_equivalence(cfg, [[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4]], expect_drops=drops)
+
+
+def test_tokens_dropped_by_every_expert_pass_through_residual():
+    # Capacity 1: almost every token loses all its experts; the composition must still match.
+    cfg = make_cfg(**{"moe.expert_capacity": 1})
+    check_equivalence(cfg, [[0], [1], [2], [3], [4], [5]], [[0, 1], [2], [3, 4]], expect_drops=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs_match_reference(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    heads, d, experts = rnd(2, 7), rnd(2, 5), rnd(2, 7)
+    mb = rnd(1, 3)
+    cfg = make_cfg(**{
+        "model.num_layers": rnd(1, 3), "model.num_attention_heads": heads, "model.attention_head_size": d,
+        "model.hidden_size": heads * d, "moe.num_experts": experts, "moe.top_k": rnd(1, min(2, experts)),
+        "moe.capacity_factor": [0.75, 1.0, 1.5][rnd(0, 2)], "train.micro_batch_size": mb,
+        "train.batch_size": mb, "train.gradient_accumulation_steps": 1,
+        "balance.max_attention_gpus": heads, "cluster.attention_gpus": 1,
+        "cluster.gpus_per_node": experts + 1, "balance.min_attention_gpus": 1,
+    })
+    workers = rnd(1, heads)
+    groups = rnd(1, experts)
+    check_equivalence(cfg, ranges(heads, workers), ranges(experts, groups), seed=seed)
+
+
+def test_shard_composition_holds_every_parameter_once():
+    cfg = make_cfg()
+    comp = Composed(cfg, [[0, 1, 2], [3, 4, 5]], [[0, 1], [2, 3, 4]])
+    ref = MoETransformer(cfg)
+    names_c = [s.name for s in comp.global_slices()]
+    assert sorted(names_c) == sorted(s.name for s in ref.global_slices())
+    assert len(set(names_c)) == len(names_c)
+    total = sum(p.numel() for p in ref.parameters())
+    assert sum(p.numel() for p in comp.parameters()) == total
+
+
+def test_layout_independent_init_matches_reference():
+    cfg = make_cfg()
+    ref = MoETransformer(cfg, seed=7)
+    shard = AttentionShard(cfg.model, [4, 1])
+    group = ExpertGroup(cfg.model, [3])
+    initialize(shard, list(shard.global_slices(1)), cfg.model.initializer_range, 7)
+    initialize(group, list(group.global_slices(0)), cfg.model.initializer_range, 7)
+    want = export_global(ref, ref.global_slices())
+    for name, value in {**export_global(shard, shard.global_slices(1)), **export_global(group, group.global_slices(0))}.items():
+        assert torch.equal(value, want[name]), name
