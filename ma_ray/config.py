@@ -123,6 +123,8 @@ class DataConfig:
     # bin: a uint16 memmap of token ids. path null with text = the standard library's sources.
     kind: Literal["synthetic", "text", "bin"] = "synthetic"
     path: Optional[str] = None
+    # Byte budget of kind text; null = 4 MiB of the standard library, or the whole given path.
+    max_text_bytes: Optional[int] = None
 
 
 @dataclass
@@ -374,6 +376,8 @@ def validate(cfg: Config) -> None:
              f"train.min_learning_rate: {t.min_learning_rate} exceeds train.learning_rate ({t.learning_rate})")
     _require(t.warmup_steps <= t.num_train_steps,
              f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
+    _require(cfg.data.max_text_bytes is None or cfg.data.max_text_bytes >= 1,
+             f"data.max_text_bytes: must be null or at least 1, got {cfg.data.max_text_bytes}")
     _require(cfg.data.kind != "bin" or cfg.data.path is not None,
              "data.path: required when data.kind is bin")
 
