@@ -18,18 +18,11 @@ from ma_ray.model.attention_side import AttentionSideParams
 from ma_ray.model.experts import ExpertGroup
 from ma_ray.model.naming import export_global, import_global, initialize, prefixed
 from ma_ray.model.reference import MoETransformer, combine_loss
-
-
-def split_counts(n, parts):
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+from ma_ray.parallel.shares import balanced_ranges
 
 
 def ranges(n, parts):
-    out, lo = [], 0
-    for c in split_counts(n, parts):
-        out.append(list(range(lo, lo + c)))
-        lo += c
-    return out
+    return [list(r) for r in balanced_ranges(n, parts)]
 
 
 def make_cfg(**over):

@@ -5,6 +5,10 @@ projection, and returns its *partial* output projection (without the output bias
 attention side holds once). Summing the partials of shards that cover every head once gives the
 full multi-head attention block; that sum is the all-reduce (or reduce-scatter) of the attention
 pool.
+
+There is no key bias: adding the same vector to every key shifts each query's scores by a
+constant, which softmax ignores, so its exact gradient is zero. Kept, it would hold only rounding
+noise that AdamW's normalisation blows up to updates of order lr, differently on every layout.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ class AttentionShard(nn.Module):
         self.q_weight = nn.Parameter(torch.empty(width, hidden))
         self.q_bias = nn.Parameter(torch.empty(width))
         self.k_weight = nn.Parameter(torch.empty(width, hidden))
-        self.k_bias = nn.Parameter(torch.empty(width))
         self.v_weight = nn.Parameter(torch.empty(width, hidden))
         self.v_bias = nn.Parameter(torch.empty(width))
         self.o_weight = nn.Parameter(torch.empty(hidden, width))
@@ -45,7 +48,7 @@ class AttentionShard(nn.Module):
             return x.view(b, t, nh, d).transpose(1, 2)
 
         q = split(F.linear(h, self.q_weight, self.q_bias))
-        k = split(F.linear(h, self.k_weight, self.k_bias))
+        k = split(F.linear(h, self.k_weight))
         v = split(F.linear(h, self.v_weight, self.v_bias))
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)

@@ -4,7 +4,8 @@ Every parameter of the model has a *global name* that does not depend on how the
 
     embed.tokens, embed.positions
     layers.{l}.ln1.{weight,bias}, layers.{l}.ln2.{weight,bias}
-    layers.{l}.attn.heads.{h}.{q,k,v}_{weight,bias}, layers.{l}.attn.heads.{h}.o_weight
+    layers.{l}.attn.heads.{h}.{q,k,v}_weight, layers.{l}.attn.heads.{h}.{q,v}_bias,
+    layers.{l}.attn.heads.{h}.o_weight (no key bias: see ma_ray.model.attention)
     layers.{l}.attn.o_bias, layers.{l}.router.weight
     layers.{l}.experts.{e}.{fc1,fc2}_{weight,bias}
     final_ln.{weight,bias}, lm_head.weight
@@ -50,7 +51,8 @@ def head_slices(prefix: str, local_prefix: str, heads: Iterable[int], head_dim: 
         lo, hi = i * head_dim, (i + 1) * head_dim
         for part in ("q", "k", "v"):
             yield GlobalSlice(f"{prefix}.heads.{h}.{part}_weight", f"{local_prefix}{part}_weight", 0, lo, hi)
-            yield GlobalSlice(f"{prefix}.heads.{h}.{part}_bias", f"{local_prefix}{part}_bias", 0, lo, hi)
+            if part != "k":
+                yield GlobalSlice(f"{prefix}.heads.{h}.{part}_bias", f"{local_prefix}{part}_bias", 0, lo, hi)
         yield GlobalSlice(f"{prefix}.heads.{h}.o_weight", f"{local_prefix}o_weight", 1, lo, hi)
 
 

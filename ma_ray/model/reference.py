@@ -89,7 +89,7 @@ class Attention(nn.Module):
         self.heads, self.head_dim = m.num_attention_heads, m.attention_head_size
         self.dropout = m.attention_probs_dropout_prob
         self.q = nn.Linear(m.hidden_size, m.hidden_size)
-        self.k = nn.Linear(m.hidden_size, m.hidden_size)
+        self.k = nn.Linear(m.hidden_size, m.hidden_size, bias=False)  # see attention.py: no key bias
         self.v = nn.Linear(m.hidden_size, m.hidden_size)
         self.o = nn.Linear(m.hidden_size, m.hidden_size)
 
@@ -141,7 +141,8 @@ class MoETransformer(nn.Module):
                 lo, hi = h * d, (h + 1) * d
                 for part in "qkv":
                     out.append(GlobalSlice(f"layers.{l}.attn.heads.{h}.{part}_weight", f"{p}attn.{part}.weight", 0, lo, hi))
-                    out.append(GlobalSlice(f"layers.{l}.attn.heads.{h}.{part}_bias", f"{p}attn.{part}.bias", 0, lo, hi))
+                    if part != "k":
+                        out.append(GlobalSlice(f"layers.{l}.attn.heads.{h}.{part}_bias", f"{p}attn.{part}.bias", 0, lo, hi))
                 out.append(GlobalSlice(f"layers.{l}.attn.heads.{h}.o_weight", f"{p}attn.o.weight", 1, lo, hi))
             out += [GlobalSlice(f"layers.{l}.attn.o_bias", p + "attn.o.bias"),
                     GlobalSlice(f"layers.{l}.ln2.weight", p + "ln2.weight"),
