@@ -1,0 +1,120 @@
+"""The ``ma-ray`` command line: ``plan`` as a table and as JSON, ``config``, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ma_ray.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "cluster" / "local-cpu.yaml"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plan_json(capsys, *argv):
+    code, out, err = run(capsys, "plan", "--json", *argv)
+    assert code == 0 and err == ""
+    return json.loads(out)
+
+
+def test_plan_table_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "ma_ray.cli", "plan"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    header = next(l for l in lines if l.startswith("gpu"))
+    for column in ("node", "local gpu", "role", "heads", "experts", "memory GB"):
+        assert column in header
+    rows = [l.split() for l in lines if l[:4].strip().isdigit()]
+    assert len(rows) == 16
+    assert rows[0][:5] == ["0", "0", "0", "attention", "0-2"]
+    assert rows[11][:5] == ["11", "3", "2", "attention", "30-31"]
+    assert rows[12][:6] == ["12", "0", "3", "moe", "-", "0-3"]
+    assert rows[15][:6] == ["15", "3", "3", "moe", "-", "12-15"]
+    text = proc.stdout
+    assert "attention 0.1065 s" in text and "MoE 0.7381 s" in text
+    assert "123.7 GB budget" in text and "memory.attention_gpu_budget_gb" in text
+
+
+def test_plan_json_paper(capsys):
+    data = plan_json(capsys)
+    assert data["attention_gpus"] == 12 and data["moe_gpus"] == 4
+    gpus = data["gpus"]
+    assert [g["gpu"] for g in gpus] == list(range(16))
+    for g in gpus:
+        assert {"gpu", "node", "local_gpu", "role", "heads", "experts", "memory_gb"} <= set(g)
+    assert gpus[0]["heads"] == [0, 1, 2] and gpus[0]["experts"] == [] and gpus[0]["role"] == "attention"
+    assert gpus[12] == {**gpus[12], "node": 0, "local_gpu": 3, "role": "moe", "experts": [0, 1, 2, 3], "heads": []}
+    assert abs(data["predicted"]["t_attention_s"] - 0.1064672) < 1e-12
+    assert abs(data["predicted"]["t_moe_s"] - 0.738128) < 1e-12
+    assert data["memory"]["attention"]["budget_gb"] == 123.7
+    assert data["memory"]["attention"]["peak_gb"] < data["memory"]["attention"]["budget_gb"]
+    assert gpus[0]["memory_gb"] == pytest.approx(data["memory"]["attention"]["peak_gb"], abs=1e-3)
+
+
+def test_plan_other_split_and_config(capsys):
+    data = plan_json(capsys, "--attention-gpus", "13")
+    assert data["attention_gpus"] == 13 and data["moe_gpus"] == 3
+    assert [g["experts"][0] for g in data["gpus"] if g["role"] == "moe"] == [0, 6, 11]
+    local = plan_json(capsys, "--config", str(LOCAL), "--attention-gpus", "10", "--set", "moe.top_k=1")
+    assert local["attention_gpus"] == 10
+    assert sorted(h for g in local["gpus"] for h in g["heads"]) == list(range(16))
+
+
+def test_plan_table_in_process(capsys):
+    code, out, err = run(capsys, "plan", "--config", str(LOCAL), "--attention-gpus", "8")
+    assert code == 0 and err == ""
+    assert "8 attention GPUs (16 heads), 8 MoE GPUs (16 experts)" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["plan", "--attention-gpus", "15"], "--attention-gpus: 15 is outside [balance.min_attention_gpus"),
+    (["plan", "--attention-gpus", "7"], "--attention-gpus: 7 is outside"),
+    (["plan", "--attention-gpus", "twelve"], "argument --attention-gpus: invalid int value"),
+    # a 3 x 4 cluster cannot give 12 GPUs to attention and keep a MoE GPU
+    (["plan", "--set", "cluster.num_nodes=3", "--set", "cluster.attention_gpus=9", "--attention-gpus", "12"],
+     "--attention-gpus: 12 leaves 0 MoE GPUs of the 12 in the topology"),
+    (["plan", "--config", "/nonexistent.yaml"], "config file not found"),
+    (["plan", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("ma-ray: error: ") and err.count("\n") == 1 and expected in err
+
+
+def test_unreadable_config_is_one_line(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = run(capsys, "config", "--config", str(f))
+    assert code == 2 and err.startswith("ma-ray: error: ") and err.count("\n") == 1
+
+
+def test_error_exit_code_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "ma_ray.cli", "plan", "--attention-gpus", "15"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("ma-ray: error: --attention-gpus: 15")
+
+
+def test_config_prints_yaml(capsys):
+    code, out, _ = run(capsys, "config", "--config", str(LOCAL))
+    assert code == 0 and out.startswith("model:\n") and "emulate: true" in out
+
+
+def test_commands_are_registered():
+    assert {"config", "plan"} <= set(COMMANDS)
+    help_text = build_parser().format_help()
+    assert "config" in help_text and "plan" in help_text
