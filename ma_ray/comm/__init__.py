@@ -1,0 +1,35 @@
+"""Collectives between worker actors, on top of `ray.util.collective`.
+
+- groups.py: create/destroy named groups (NCCL on GPU, else the CPU backend) and the ops;
+- cpu_backend.py: the CPU backend (one independent ProcessGroupGloo per group);
+- rendezvous.py: how a CPU group's members find rank 0's store (Ray's KV);
+- handles.py: handles of non-blocking ops, `.wait()` bounded by the group's timeout;
+- uneven.py: all-gather / reduce-scatter of slices with different first dims;
+- errors.py: CommError / CommTimeoutError, naming group, worker and op.
+
+In a worker actor: `create_group(name, members, rank, timeout_ms=...)`, then the ops with
+`group=name`, then `destroy_group(name)`.
+"""
+
+from ma_ray.comm.cpu_backend import BACKEND_NAME as CPU_BACKEND
+from ma_ray.comm.cpu_backend import CpuGlooGroup, GroupOptions, ensure_registered
+from ma_ray.comm.errors import CommError, CommTimeoutError
+from ma_ray.comm.groups import (NCCL_BACKEND, allgather, allreduce, barrier, broadcast,
+                                choose_backend, create_group, destroy_group, has_group,
+                                iallgather, iallreduce, ibarrier, ibroadcast, irecv,
+                                ireducescatter, isend, rank, recv, reduce, reducescatter, send,
+                                world_size)
+from ma_ray.comm.handles import CommHandle, CompletedHandle
+from ma_ray.comm.uneven import (allgather_uneven, exchange_sizes, iallgather_uneven,
+                                ireducescatter_uneven, reducescatter_uneven)
+from ray.util.collective.types import ReduceOp
+
+__all__ = [
+    "CPU_BACKEND", "NCCL_BACKEND", "CommError", "CommHandle", "CommTimeoutError",
+    "CompletedHandle", "CpuGlooGroup", "GroupOptions", "ReduceOp", "allgather",
+    "allgather_uneven", "allreduce", "barrier", "broadcast", "choose_backend", "create_group",
+    "destroy_group", "ensure_registered", "exchange_sizes", "has_group", "iallgather",
+    "iallgather_uneven", "iallreduce", "ibarrier", "ibroadcast", "irecv", "ireducescatter",
+    "ireducescatter_uneven", "isend", "rank", "recv", "reduce", "reducescatter",
+    "reducescatter_uneven", "send", "world_size",
+]

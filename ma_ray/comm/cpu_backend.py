@@ -1,0 +1,361 @@
+"""The CPU backend of ray.util.collective: every group owns an independent ProcessGroupGloo.
+
+Ray's built-in GLOO backend builds all groups on the process's default torch process group, so a
+second group over a subset of the actors returns wrong sums, its send/recv use default-group
+ranks, and its timeout bounds only the rendezvous. Here every group gets its own
+`ProcessGroupGloo` over a `PrefixStore` of its own `TCPStore` (see rendezvous.py): groups of any
+membership coexist in one process, ranks are group ranks, each op is bounded by the group's
+timeout, and destroying a group releases its process group and store.
+
+The class plugs into `ray.util.collective` through `register_collective_backend`, so
+`ray.util.collective.allreduce(t, group_name=...)` etc. dispatch here. Ray constructs custom
+backends with `(world_size, rank, group_name)` only, so per-group options (timeout, member names)
+are staged in this process by `stage_options` just before `init_collective_group`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.collective import register_collective_backend
+from ray.util.collective.collective_group.base_collective_group import BaseGroup
+from ray.util.collective.types import (AllGatherOptions, AllReduceOptions, BarrierOptions,
+                                       BroadcastOptions, RecvOptions, ReduceOp, ReduceOptions,
+                                       ReduceScatterOptions, SendOptions)
+# torch.distributed does not re-export AllgatherOptions; its c10d module does.
+from torch.distributed.distributed_c10d import AllgatherOptions as _TorchAllgatherOptions
+
+from ma_ray.comm import rendezvous
+from ma_ray.comm.errors import CommError, GroupIdentity, group_broken
+from ma_ray.comm.handles import CommHandle
+
+BACKEND_NAME = "MA_GLOO"
+DEFAULT_TIMEOUT_MS = 5000
+DEFAULT_INIT_TIMEOUT_MS = 60000
+
+_TORCH_OPS = {
+    ReduceOp.SUM: dist.ReduceOp.SUM,
+    ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
+    ReduceOp.MIN: dist.ReduceOp.MIN,
+    ReduceOp.MAX: dist.ReduceOp.MAX,
+}
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """Per-group settings Ray's constructor call cannot carry.
+
+    timeout_ms: bound on every op's wait (config `comm.synchronization_timeout_ms`).
+    init_timeout_ms: bound on the rendezvous (all members must arrive; actors start slowly).
+    members: the members' names, by rank, for error messages.
+    worker_name: this worker's name in error messages (default: members[rank] or actor name).
+    generation: distinguishes re-creations of the same group with the same members.
+    """
+
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+    init_timeout_ms: int = DEFAULT_INIT_TIMEOUT_MS
+    members: Optional[Tuple[str, ...]] = None
+    worker_name: Optional[str] = None
+    generation: int = 0
+
+
+_staged: dict = {}
+_staged_lock = threading.Lock()
+_registered = False
+
+
+def stage_options(group_name: str, options: GroupOptions) -> None:
+    """Options for the next construction of `group_name` in this process."""
+    with _staged_lock:
+        _staged[group_name] = options
+
+
+def unstage_options(group_name: str) -> None:
+    with _staged_lock:
+        _staged.pop(group_name, None)
+
+
+def _take_options(group_name: str) -> GroupOptions:
+    with _staged_lock:
+        return _staged.pop(group_name, None) or GroupOptions()
+
+
+def ensure_registered() -> None:
+    """Register the backend with ray.util.collective in this process; idempotent.
+
+    Call it on the driver and in every actor before any group of this backend is created
+    (`groups.create_group` calls it for you)."""
+    global _registered
+    if _registered:
+        return
+    with _staged_lock:
+        if _registered:
+            return
+        try:
+            register_collective_backend(BACKEND_NAME, CpuGlooGroup)
+        except ValueError:
+            pass  # registered earlier in this process (e.g. this module was re-imported)
+        _registered = True
+
+
+class CpuGlooGroup(BaseGroup):
+    """One collective group on CPU, with its own ProcessGroupGloo and TCPStore."""
+
+    def __init__(self, world_size: int, rank: int, group_name: str, *_ignored: Any):
+        super().__init__(world_size, rank, group_name)
+        opts = _take_options(group_name)
+        if opts.members is not None and len(opts.members) != world_size:
+            raise ValueError(f"group '{group_name}': {len(opts.members)} member names for "
+                             f"world size {world_size}")
+        self._timeout_ms = int(opts.timeout_ms)
+        self._ident = GroupIdentity(group_name, rank, world_size,
+                                    opts.worker_name or _default_worker_name(opts.members, rank),
+                                    opts.members)
+        self._broken: Optional[CommError] = None
+        self._store: Optional[dist.Store] = None
+        self._pg: Optional[dist.ProcessGroupGloo] = None
+        self._store_address: Optional[Tuple[str, int]] = None
+        self._connect(opts)
+
+    def _connect(self, opts: GroupOptions) -> None:
+        key = rendezvous.rendezvous_key(self.group_name, self.world_size, opts.members,
+                                        opts.generation)
+        deadline = time.monotonic() + opts.init_timeout_ms / 1000.0
+        try:
+            store = rendezvous.open_store(key, self.rank, self.world_size, deadline,
+                                          self.group_name)
+            self._store_address = (store.host, store.port)
+            prefixed = dist.PrefixStore(f"{self.group_name}/", store)
+            rendezvous.wait_for_all(prefixed, self.rank, self.world_size, deadline)
+            host = ray.util.get_node_ip_address()
+            pg_opts = dist.ProcessGroupGloo._Options()
+            # The context timeout bounds every transport step inside gloo, so an op abandoned
+            # by Work.wait(timeout) also ends by itself and its worker thread is freed.
+            pg_opts._timeout = timedelta(milliseconds=self._timeout_ms)
+            # Bind gloo to the node address Ray uses: hostname resolution can pick loopback.
+            pg_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            self._pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, pg_opts)
+            self._store = store
+        except Exception as exc:  # noqa: BLE001 - re-raised with the group named
+            raise CommError(
+                f"comm setup failed: group '{self.group_name}' (worker {self._ident.worker}, "
+                f"rank {self.rank} of {self.world_size}) did not connect within "
+                f"{opts.init_timeout_ms} ms: {exc}",
+                group=self.group_name, rank=self.rank, worker=self._ident.worker,
+                op="create") from exc
+        finally:
+            if self.rank == 0:
+                # Everyone has read the address once the process group exists (its handshake
+                # needs all ranks); after a failure the address is useless.
+                rendezvous.retire(key)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @classmethod
+    def backend(cls) -> str:
+        return BACKEND_NAME
+
+    @classmethod
+    def check_backend_availability(cls) -> bool:
+        return dist.is_available() and hasattr(dist, "ProcessGroupGloo")
+
+    @property
+    def timeout_ms(self) -> int:
+        return self._timeout_ms
+
+    @property
+    def identity(self) -> GroupIdentity:
+        return self._ident
+
+    @property
+    def store_address(self) -> Optional[Tuple[str, int]]:
+        """(host, port) of the group's TCPStore (served by rank 0); for diagnostics."""
+        return self._store_address
+
+    @property
+    def broken(self) -> Optional[CommError]:
+        """The failure that broke the group, or None while it is usable."""
+        return self._broken
+
+    def destroy_group(self) -> None:
+        """Release the process group and the store (rank 0 stops serving it)."""
+        if self._broken is None:
+            self._broken = CommError(f"group '{self.group_name}' was destroyed",
+                                     group=self.group_name, rank=self.rank,
+                                     worker=self._ident.worker, op="destroy")
+        self._pg = None
+        self._store = None
+
+    # -- non-blocking ops: torch tensors in, CommHandle out ----------------------------------
+
+    def iallreduce(self, tensor: torch.Tensor, op: Any = ReduceOp.SUM) -> CommHandle:
+        o = dist.AllreduceOptions()
+        o.reduceOp = _torch_op(op)
+        o.timeout = self._td()
+        return self._issue(f"allreduce({_op_name(op)})", lambda pg: pg.allreduce([tensor], o))
+
+    def ireduce(self, tensor: torch.Tensor, dst_rank: int, op: Any = ReduceOp.SUM) -> CommHandle:
+        o = dist.ReduceOptions()
+        o.reduceOp = _torch_op(op)
+        o.rootRank = dst_rank
+        o.rootTensor = 0
+        o.timeout = self._td()
+        return self._issue(f"reduce({_op_name(op)}) to {self._ident.peer(dst_rank)}",
+                           lambda pg: pg.reduce([tensor], o))
+
+    def ibroadcast(self, tensor: torch.Tensor, src_rank: int) -> CommHandle:
+        o = dist.BroadcastOptions()
+        o.rootRank = src_rank
+        o.rootTensor = 0
+        o.timeout = self._td()
+        return self._issue(f"broadcast from {self._ident.peer(src_rank)}",
+                           lambda pg: pg.broadcast([tensor], o))
+
+    def iallgather(self, outputs: List[torch.Tensor], tensor: torch.Tensor) -> CommHandle:
+        if len(outputs) != self.world_size:
+            raise ValueError(f"allgather in group '{self.group_name}': {len(outputs)} outputs "
+                             f"for world size {self.world_size}")
+        o = _TorchAllgatherOptions()
+        o.timeout = self._td()
+        return self._issue("allgather", lambda pg: pg.allgather([list(outputs)], [tensor], o))
+
+    def ireducescatter(self, output: torch.Tensor, inputs: List[torch.Tensor],
+                       op: Any = ReduceOp.SUM) -> CommHandle:
+        if len(inputs) != self.world_size:
+            raise ValueError(f"reducescatter in group '{self.group_name}': {len(inputs)} inputs "
+                             f"for world size {self.world_size}")
+        o = dist.ReduceScatterOptions()
+        o.reduceOp = _torch_op(op)
+        o.timeout = self._td()
+        return self._issue(f"reducescatter({_op_name(op)})",
+                           lambda pg: pg.reduce_scatter([output], [list(inputs)], o))
+
+    def ibarrier(self) -> CommHandle:
+        o = dist.BarrierOptions()
+        o.timeout = self._td()
+        return self._issue("barrier", lambda pg: pg.barrier(o))
+
+    def isend(self, tensor: torch.Tensor, dst_rank: int, tag: int = 0) -> CommHandle:
+        self._check_peer(dst_rank, "send to")
+        return self._issue(f"send to {self._ident.peer(dst_rank)}",
+                           lambda pg: pg.send([tensor], dst_rank, tag))
+
+    def irecv(self, tensor: torch.Tensor, src_rank: int, tag: int = 0) -> CommHandle:
+        self._check_peer(src_rank, "recv from")
+        return self._issue(f"recv from {self._ident.peer(src_rank)}",
+                           lambda pg: pg.recv([tensor], src_rank, tag))
+
+    # -- BaseGroup interface: ray.util.collective wraps tensors in lists ---------------------
+
+    def allreduce(self, tensors, allreduce_options=AllReduceOptions()) -> None:
+        self.iallreduce(_one(tensors), allreduce_options.reduceOp).wait()
+
+    def barrier(self, barrier_options=BarrierOptions()) -> None:
+        self.ibarrier().wait()
+
+    def reduce(self, tensors, reduce_options=ReduceOptions()) -> None:
+        t = _one(tensors)
+        # ray.util.collective promises that only the root's tensor changes.
+        buf = t if self.rank == reduce_options.root_rank else t.detach().clone()
+        self.ireduce(buf, reduce_options.root_rank, reduce_options.reduceOp).wait()
+
+    def allgather(self, tensor_lists, tensors, allgather_options=AllGatherOptions()) -> None:
+        self.iallgather(_list(tensor_lists), _one(tensors)).wait()
+
+    def broadcast(self, tensors, broadcast_options=BroadcastOptions()) -> None:
+        self.ibroadcast(_one(tensors), broadcast_options.root_rank).wait()
+
+    def reducescatter(self, tensors, tensor_lists,
+                      reducescatter_options=ReduceScatterOptions()) -> None:
+        self.ireducescatter(_one(tensors), _list(tensor_lists),
+                            reducescatter_options.reduceOp).wait()
+
+    def send(self, tensors, send_options: SendOptions) -> None:
+        self.isend(_one(tensors), send_options.dst_rank).wait()
+
+    def recv(self, tensors, recv_options: RecvOptions) -> None:
+        self.irecv(_one(tensors), recv_options.src_rank).wait()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _td(self) -> timedelta:
+        return timedelta(milliseconds=self._timeout_ms)
+
+    def _check_peer(self, peer: int, verb: str) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"{verb} rank {peer} in group '{self.group_name}' (rank "
+                             f"{self.rank} of {self.world_size}): not another member")
+
+    def _issue(self, op: str, launch: Callable[[Any], Any]) -> CommHandle:
+        if self._broken is not None:
+            raise group_broken(self._ident, op, self._broken)
+        pg = self._pg
+        try:
+            work = launch(pg)
+        except Exception as exc:  # noqa: BLE001 - bad arguments; the group stays usable
+            raise CommError(f"comm failure: {op} {self._ident.where()}: {exc}",
+                            group=self.group_name, rank=self.rank, worker=self._ident.worker,
+                            op=op) from exc
+        return CommHandle(work, ident=self._ident, op=op, timeout_ms=self._timeout_ms,
+                          on_failure=self._mark_broken)
+
+    def _mark_broken(self, error: CommError) -> None:
+        # After a timeout or a dead peer the ranks are out of step (some finished the op,
+        # some did not): any later op could pair with the wrong message.
+        if self._broken is None:
+            self._broken = error
+
+
+def _default_worker_name(members: Optional[Sequence[str]], rank: int) -> str:
+    if members is not None:
+        return members[rank]
+    try:
+        ctx = ray.get_runtime_context()
+        name = ctx.get_actor_name()
+        if name:
+            return name
+        actor_id = ctx.get_actor_id()
+        if actor_id:
+            return f"actor {actor_id[:12]}"
+    except Exception:  # noqa: BLE001 - naming must never break group creation
+        pass
+    return f"pid {os.getpid()}"
+
+
+def _torch_op(op: Any):
+    return _TORCH_OPS.get(op, op)
+
+
+def _op_name(op: Any) -> str:
+    return op.name if isinstance(op, ReduceOp) else str(op).rsplit(".", 1)[-1]
+
+
+def _as_torch(t: Any) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, np.ndarray):
+        return torch.from_numpy(t)  # shares memory, so in-place results reach the caller
+    raise TypeError(f"{BACKEND_NAME} takes torch.Tensor or numpy.ndarray, got {type(t)}")
+
+
+def _one(tensors: Any) -> torch.Tensor:
+    if isinstance(tensors, (list, tuple)):
+        if len(tensors) != 1:
+            raise ValueError(f"{BACKEND_NAME} drives one tensor per process, got {len(tensors)}")
+        tensors = tensors[0]
+    return _as_torch(tensors)
+
+
+def _list(tensor_lists: Any) -> List[torch.Tensor]:
+    if len(tensor_lists) == 1 and isinstance(tensor_lists[0], (list, tuple)):
+        tensor_lists = tensor_lists[0]
+    return [_as_torch(t) for t in tensor_lists]

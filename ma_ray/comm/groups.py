@@ -1,0 +1,194 @@
+"""What the runtime calls: named groups over lists of workers, and the ops on them.
+
+A worker actor creates each group it belongs to with `create_group(name, members, rank)` (all
+members call it concurrently, with the same `members`), uses the ops below with that name, and
+`destroy_group(name)` when the split between pools changes. The backend is NCCL when this process
+sees a GPU and cupy is installed, else the CPU backend of `cpu_backend.py`.
+
+Blocking ops go through `ray.util.collective`'s public API. The non-blocking ones (`i*`) return
+a handle with `.wait()`; on the CPU backend they are truly asynchronous and `.wait()` is bounded
+by the group's timeout; on NCCL they run at call time (Ray's NCCL group queues the kernel on its
+own CUDA stream) and return a completed handle.
+
+Groups that share members must be created in the same order by every member: creation blocks
+until all members arrive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import ray.util.collective as col
+from ray.util.collective.types import ReduceOp
+
+from ma_ray.comm.cpu_backend import (BACKEND_NAME as CPU_BACKEND, DEFAULT_INIT_TIMEOUT_MS,
+                                     DEFAULT_TIMEOUT_MS, CpuGlooGroup, GroupOptions,
+                                     ensure_registered, stage_options, unstage_options)
+from ma_ray.comm.handles import CompletedHandle
+
+NCCL_BACKEND = "NCCL"
+
+
+def choose_backend() -> str:
+    """NCCL when this process has a GPU and cupy (the `gpu` extra), else the CPU backend.
+
+    The device comes from torch, not from Ray: an actor given a (possibly emulated) GPU by Ray
+    can still have no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            return CPU_BACKEND
+        if col.nccl_available():
+            return NCCL_BACKEND
+    return CPU_BACKEND
+
+
+def _resolve_backend(backend: Optional[str]) -> str:
+    backend = (backend or choose_backend()).upper()
+    # Ray's built-in GLOO is never what a caller asking for "gloo" wants (see cpu_backend.py).
+    return CPU_BACKEND if backend in ("CPU", "GLOO", "TORCH_GLOO") else backend
+
+
+def create_group(name: str, members: Sequence[str], rank: int, *,
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                 init_timeout_ms: int = DEFAULT_INIT_TIMEOUT_MS,
+                 backend: Optional[str] = None, generation: int = 0) -> str:
+    """Join group `name` whose members are `members` (names by rank) as `members[rank]`.
+
+    Blocks until every member has joined (at most `init_timeout_ms`). `timeout_ms` bounds every
+    later op of the group (config `comm.synchronization_timeout_ms`; CPU backend only).
+    `generation` must differ between two incarnations of a group with the same name and members
+    whose lifetimes may overlap. `backend`: None (choose_backend()), "nccl", or "cpu" / "gloo"
+    (both mean this package's CPU backend). Returns the backend used.
+    """
+    if not 0 <= rank < len(members):
+        raise ValueError(f"group '{name}': rank {rank} outside {len(members)} members")
+    backend = _resolve_backend(backend)
+    if backend == CPU_BACKEND:
+        ensure_registered()
+        stage_options(name, GroupOptions(timeout_ms=timeout_ms, init_timeout_ms=init_timeout_ms,
+                                         members=tuple(members), generation=generation))
+    try:
+        col.init_collective_group(len(members), rank, backend=backend, group_name=name)
+    finally:
+        unstage_options(name)  # construction consumed them, or it never happened
+    return backend
+
+
+def destroy_group(name: str) -> None:
+    """Leave group `name` and release its resources in this process (no-op if absent)."""
+    if col.is_group_initialized(name):
+        col.destroy_collective_group(name)
+
+
+def has_group(name: str) -> bool:
+    return col.is_group_initialized(name)
+
+
+def rank(name: str) -> int:
+    return col.get_rank(name)
+
+
+def world_size(name: str) -> int:
+    return col.get_collective_group_size(name)
+
+
+# -- blocking ops: ray.util.collective, argument order as there --------------------------------
+
+def allreduce(tensor, group: str, op: ReduceOp = ReduceOp.SUM) -> None:
+    col.allreduce(tensor, group_name=group, op=op)
+
+
+def reduce(tensor, dst_rank: int, group: str, op: ReduceOp = ReduceOp.SUM) -> None:
+    col.reduce(tensor, dst_rank=dst_rank, group_name=group, op=op)
+
+
+def broadcast(tensor, src_rank: int, group: str) -> None:
+    col.broadcast(tensor, src_rank=src_rank, group_name=group)
+
+
+def allgather(outputs: List[Any], tensor, group: str) -> None:
+    """Equal shapes on every rank; see uneven.allgather_uneven for ragged first dims."""
+    col.allgather(outputs, tensor, group_name=group)
+
+
+def reducescatter(output, inputs: List[Any], group: str, op: ReduceOp = ReduceOp.SUM) -> None:
+    col.reducescatter(output, inputs, group_name=group, op=op)
+
+
+def barrier(group: str) -> None:
+    col.barrier(group_name=group)
+
+
+def send(tensor, dst_rank: int, group: str) -> None:
+    col.send(tensor, dst_rank, group_name=group)
+
+
+def recv(tensor, src_rank: int, group: str) -> None:
+    col.recv(tensor, src_rank, group_name=group)
+
+
+# -- non-blocking ops ---------------------------------------------------------------------------
+
+def iallreduce(tensor, group: str, op: ReduceOp = ReduceOp.SUM):
+    g = _cpu(group)
+    if g is None:
+        return _done(allreduce(tensor, group, op), "allreduce")
+    return g.iallreduce(tensor, op)
+
+
+def ibroadcast(tensor, src_rank: int, group: str):
+    g = _cpu(group)
+    if g is None:
+        return _done(broadcast(tensor, src_rank, group), "broadcast")
+    return g.ibroadcast(tensor, src_rank)
+
+
+def iallgather(outputs: List[Any], tensor, group: str):
+    g = _cpu(group)
+    if g is None:
+        return _done(allgather(outputs, tensor, group), "allgather")
+    return g.iallgather(outputs, tensor)
+
+
+def ireducescatter(output, inputs: List[Any], group: str, op: ReduceOp = ReduceOp.SUM):
+    g = _cpu(group)
+    if g is None:
+        return _done(reducescatter(output, inputs, group, op), "reducescatter")
+    return g.ireducescatter(output, inputs, op)
+
+
+def ibarrier(group: str):
+    g = _cpu(group)
+    if g is None:
+        return _done(barrier(group), "barrier")
+    return g.ibarrier()
+
+
+def isend(tensor, dst_rank: int, group: str, tag: int = 0):
+    """`tag` tells apart messages in flight between the same pair (CPU backend; NCCL keeps
+    them in order and ignores it)."""
+    g = _cpu(group)
+    if g is None:
+        return _done(send(tensor, dst_rank, group), "send")
+    return g.isend(tensor, dst_rank, tag)
+
+
+def irecv(tensor, src_rank: int, group: str, tag: int = 0):
+    g = _cpu(group)
+    if g is None:
+        return _done(recv(tensor, src_rank, group), "recv")
+    return g.irecv(tensor, src_rank, tag)
+
+
+def _cpu(group: str) -> Optional[CpuGlooGroup]:
+    """The CPU backend's group object, or None for other backends."""
+    g = col.get_group_handle(group)
+    return g if isinstance(g, CpuGlooGroup) else None
+
+
+def _done(_result: None, op: str) -> CompletedHandle:
+    return CompletedHandle(None, op)

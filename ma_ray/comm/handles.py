@@ -1,0 +1,79 @@
+"""Handles of non-blocking operations: `.wait()` bounded by the group's timeout.
+
+A handle wraps a `torch.distributed` Work object. `wait()` never blocks longer than the per-op
+timeout (counted from the call to `wait`, so compute overlapped with the transfer does not eat
+into it), turns any failure into a `CommError` that names the group, the worker and the op, and
+runs an optional `finish` step (e.g. slicing padded buffers) whose value it returns.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+from ma_ray.comm.errors import CommError, GroupIdentity, op_failed
+
+_TIMEOUT_MARKERS = ("timed out", "timeout")
+
+
+class CommHandle:
+    """An operation in flight. `wait()` may be called more than once; later calls return the
+    same value or raise the same error."""
+
+    def __init__(self, work, *, ident: GroupIdentity, op: str, timeout_ms: int,
+                 on_failure: Callable[[CommError], None],
+                 finish: Optional[Callable[[], Any]] = None):
+        self._work = work
+        self._ident = ident
+        self._op = op
+        self._timeout_ms = timeout_ms
+        self._on_failure = on_failure
+        self._finish = finish
+        self._done = False
+        self._value: Any = None
+        self._error: Optional[CommError] = None
+
+    @property
+    def op(self) -> str:
+        return self._op
+
+    def is_completed(self) -> bool:
+        """True once the transfer is over (successfully or not); never blocks."""
+        return self._done or self._work.is_completed()
+
+    def wait(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return self._value
+        try:
+            self._work.wait(timedelta(milliseconds=self._timeout_ms))
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or DistError kinds
+            self._error = op_failed(self._ident, self._op, exc, self._timeout_ms,
+                                    timed_out=_is_timeout(exc))
+            self._on_failure(self._error)
+            raise self._error from exc
+        self._value = self._finish() if self._finish is not None else None
+        self._done = True
+        return self._value
+
+
+class CompletedHandle:
+    """A handle for an operation that already ran to completion (backends without async ops)."""
+
+    def __init__(self, value: Any = None, op: str = ""):
+        self._value = value
+        self.op = op
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> Any:
+        return self._value
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # Work.wait(timeout) says "Operation timed out!"; gloo's own transport timeout says
+    # "Timed out waiting N ms for recv operation"; a dead peer says "Connection closed by peer".
+    text = str(exc).lower()
+    return any(marker in text for marker in _TIMEOUT_MARKERS)
