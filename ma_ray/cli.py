@@ -12,9 +12,12 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
-from ma_ray.config import Config, ConfigError, check_split, load
+from ma_ray.config import Config, check_split, load
+from ma_ray.errors import MaRayError
 
 PROG = "ma-ray"
 EXIT_USAGE = 2
@@ -40,10 +43,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
-    try:
-        return load(args.config, args.overrides)
-    except UnicodeDecodeError as exc:  # config.load reads the file as UTF-8 and lets this through
-        raise ConfigError(f"{args.config}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    return load(args.config, args.overrides)
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -77,6 +77,67 @@ def _plan_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train -----------------------------------------------------------------------------------
+
+LOCAL_PRESET = Path(__file__).resolve().parent.parent / "cluster" / "local-cpu.yaml"
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML config (default: cluster/local-cpu.yaml, the emulated 4 x 4 CPU preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set train.seq_length=32 (repeatable)")
+    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps to run (default: train.num_train_steps)")
+    parser.add_argument("--out", metavar="DIR", help="run folder for metrics.jsonl (default: runs/<time>)")
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    if args.config is None:
+        if not LOCAL_PRESET.is_file():
+            raise UsageError(f"no --config given and the local preset {LOCAL_PRESET} is missing")
+        args.config = str(LOCAL_PRESET)
+    return _load_config(args)
+
+
+def _positive_steps(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: must be at least 1, got {args.steps}")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from ma_ray.train import train
+
+    _positive_steps(args)
+    cfg = _train_config(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    last = train(cfg, out, args.steps)
+    print(json.dumps({"out": str(out), **last}))
+    return 0
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    _train_arguments(parser)
+    parser.set_defaults(out=None)
+    parser.add_argument("--attention-gpus", type=int, metavar="K",
+                        help="attention GPUs of the split (default: cluster.attention_gpus)")
+    parser.add_argument("--precision", choices=["fp64", "fp32"], default="fp64",
+                        help="arithmetic of both runs (default fp64: see README, Verification)")
+
+
+def _verify_run(args: argparse.Namespace) -> int:
+    from ma_ray.verify import verify
+
+    _positive_steps(args)
+    cfg = _train_config(args)
+    if args.attention_gpus is not None:
+        check_split(cfg, args.attention_gpus, key="--attention-gpus")
+    report = verify(cfg, args.attention_gpus, args.steps or 2, args.precision)
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
 # --- wiring ----------------------------------------------------------------------------------
 
 Command = Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -85,6 +146,10 @@ COMMANDS: Dict[str, Command] = {
     "config": ("print the resolved config as YAML", _config_arguments, _config_run),
     "plan": ("show which GPU holds which heads or experts, memory and predicted stage times",
              _plan_arguments, _plan_run),
+    "train": ("train on the Ray cluster with attention and experts on disjoint GPU pools",
+              _train_arguments, _train_run),
+    "verify": ("train distributed and single-process from the same start; compare loss, gradients, parameters",
+               _verify_arguments, _verify_run),
 }
 
 
@@ -106,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, MaRayError) as exc:
         message = str(exc)
     except BrokenPipeError:
         # The reader went away (``ma-ray plan | head``): not an error of ours; silence the final

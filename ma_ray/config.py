@@ -17,8 +17,10 @@ from typing import Any, List, Literal, Optional
 
 import yaml
 
+from ma_ray.errors import MaRayError
 
-class ConfigError(ValueError):
+
+class ConfigError(MaRayError, ValueError):
     """A configuration the package cannot run; the message is one line naming the key."""
 
 
@@ -111,7 +113,8 @@ class TrainConfig:
     warmup_steps: int = 5000
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     gradient_clipping: float = 1.0
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    # bf16: autocast over fp32 master weights; fp32; fp64: everything in double (verification).
+    mixed_precision: Literal["bf16", "fp32", "fp64"] = "bf16"
     activation_checkpointing: bool = True
     seed: int = 0
     checkpoint_interval: int = 1000
@@ -197,7 +200,11 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = _parse_yaml(p.read_text(), str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+        data = _parse_yaml(text, str(p))
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -310,6 +317,7 @@ def validate(cfg: Config) -> None:
         ("model.vocab_size", m.vocab_size), ("moe.num_experts", moe.num_experts),
         ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes),
         ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
+        ("balance.min_attention_gpus", b.min_attention_gpus),
         ("comm.max_concurrent_communications", comm.max_concurrent_communications),
         ("comm.communication_chunk_size", comm.communication_chunk_size),
         ("comm.micro_batches_in_flight", comm.micro_batches_in_flight),
@@ -391,6 +399,9 @@ def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs") -
              f"{key}: {attention_gpus} is outside [balance.min_attention_gpus, balance.max_attention_gpus] "
              f"= [{b.min_attention_gpus}, {b.max_attention_gpus}]")
     _require(attention_gpus >= 1, f"{key}: must be at least 1, got {attention_gpus}")
+    _require(attention_gpus <= total,
+             f"{key}: {attention_gpus} is more than the {total} GPUs of the topology "
+             f"(cluster.num_nodes x cluster.gpus_per_node)")
     _require(moe_gpus >= 1,
              f"{key}: {attention_gpus} leaves {moe_gpus} MoE GPUs of the {total} in the topology; at least 1 is needed")
     _require(moe_gpus <= moe.num_experts,

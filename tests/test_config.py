@@ -101,7 +101,7 @@ def test_unknown_key():
     ("cluster.address=5", "cluster.address: expected a string"),
     ("balance.attn_time_coef=3", "balance.attn_time_coef: expected a list"),
     ("balance.attn_time_coef=[1, x, 3]", "balance.attn_time_coef[1]: expected a number"),
-    ("train.mixed_precision=fp16", "train.mixed_precision: must be one of bf16, fp32"),
+    ("train.mixed_precision=fp16", "train.mixed_precision: must be one of bf16, fp32, fp64"),
     ("model=3", "model: expected a mapping"),
     ("moe.expert_capacity=1.5", "moe.expert_capacity: expected an integer"),
 ])
@@ -147,7 +147,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
 AT_LEAST_ONE = [
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.attention_head_size",
     "model.intermediate_size", "model.max_position_embeddings", "model.vocab_size", "moe.num_experts",
-    "moe.top_k", "cluster.num_nodes", "cluster.gpus_per_node", "balance.rebalancing_interval",
+    "moe.top_k", "cluster.num_nodes", "cluster.gpus_per_node", "balance.rebalancing_interval", "balance.min_attention_gpus",
     "comm.max_concurrent_communications", "comm.communication_chunk_size", "comm.micro_batches_in_flight",
     "comm.synchronization_timeout_ms", "comm.quantization_bits", "train.batch_size", "train.seq_length",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.checkpoint_interval",
@@ -237,7 +237,20 @@ def test_min_greater_than_max():
 
 def test_attention_gpus_at_least_one():
     message = error_of(["balance.min_attention_gpus=0", "cluster.attention_gpus=0"])
-    assert "cluster.attention_gpus: must be at least 1, got 0" in message
+    assert "balance.min_attention_gpus: must be at least 1, got 0" in message
+
+
+def test_more_attention_gpus_than_the_topology_holds():
+    message = error_of(["cluster.num_nodes=2"])
+    assert message == ("cluster.attention_gpus: 12 is more than the 8 GPUs of the topology "
+                       "(cluster.num_nodes x cluster.gpus_per_node)")
+
+
+def test_non_utf8_config_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  vocab_size: 256 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load(path)
 
 
 def test_moe_gpus_at_least_one():

@@ -13,7 +13,7 @@ from ma_ray import config as C
 from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
 from ma_ray.model.attention import AttentionShard
-from ma_ray.model.compare import max_relative_error, scalar_relative_error
+from ma_ray.model.compare import gradient_error, scalar_relative_error
 from ma_ray.model.attention_side import AttentionSideParams
 from ma_ray.model.experts import ExpertGroup
 from ma_ray.model.naming import export_global, import_global, initialize, prefixed
@@ -119,7 +119,7 @@ def check_equivalence(cfg, head_groups, expert_groups, seed=0, expect_drops=None
     gr = export_global(ref, ref.global_slices(), "grad")
     gc = export_global(comp, comp.global_slices(), "grad")
     assert len(gr) == len(ref.global_slices())
-    err, worst = max_relative_error(gc, gr)
+    err, worst = gradient_error(gc, gr)
     assert err < 1e-5, (worst, err)
     if expect_drops is not None:
         # Confirm the case really exercises (or avoids) capacity drops.

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ma_ray.model.naming import GlobalSlice
+from ma_ray.model.router import at_least_fp32
 
 
 class AttentionSideParams(nn.Module):
@@ -64,4 +65,4 @@ class AttentionSideParams(nn.Module):
     def ce_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Sum (not mean) of this slice's cross-entropy; divide by the micro-batch's token count."""
         logits = F.linear(self.final_ln(x), self.lm_head)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return F.cross_entropy(at_least_fp32(logits), targets, reduction="sum")

@@ -1,9 +1,15 @@
 """How two sets of named tensors are compared: the relative error ``verify`` and the tests report.
 
-The error of one tensor is ``max|a - b| / max|b|``. A few gradients are zero in exact arithmetic
-(the key bias's: softmax ignores a constant shift of the scores), so what both sides hold there
-is rounding noise around 1e-12; dividing noise by noise says nothing. Those tensors are measured
-against ``floor_fraction`` of the largest magnitude in the whole set instead.
+The error of one tensor is ``max|a - b| / max(max|b|, floor)``. Without a floor, a tensor whose
+values are far below its kind's natural scale turns rounding noise into a large ratio:
+
+* gradients: an expert that few tokens reached, or a bias whose gradient nearly cancels, holds
+  values a thousand times below the rest; their rounding differences are measured against
+  ``GRADIENT_FLOOR_FRACTION`` of the largest gradient of the whole model;
+* updated parameters: zero-initialised biases are lr-sized after a step, and AdamW's first steps
+  (update ~ lr * g / (|g| + eps)) pass a tiny gradient's *relative* rounding error straight into
+  the update; they are measured against the initialisation scale (``model.initializer_range``),
+  the magnitude every weight starts at.
 """
 
 from __future__ import annotations
@@ -12,24 +18,38 @@ from typing import Dict, Tuple
 
 import torch
 
+GRADIENT_FLOOR_FRACTION = 1e-3
+
+
+def largest_magnitude(tensors: Dict[str, torch.Tensor]) -> float:
+    return max((float(t.detach().abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+
 
 def max_relative_error(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor],
-                       floor_fraction: float = 1e-3) -> Tuple[float, str]:
-    """The worst relative error over names and the name it occurs at; missing names raise."""
+                       floor: float) -> Tuple[float, str]:
+    """The worst relative error over names and the name it occurs at; differing names raise."""
     if got.keys() != want.keys():
-        missing = sorted(set(want) ^ set(got))[:3]
-        raise KeyError(f"tensor names differ, e.g. {missing}")
-    scale = max((float(t.detach().abs().max()) for t in want.values() if t.numel()), default=0.0)
-    floor = max(scale * floor_fraction, torch.finfo(torch.float32).tiny)
+        differ = sorted(set(want) ^ set(got))[:3]
+        raise KeyError(f"tensor names differ, e.g. {differ}")
+    floor = max(floor, torch.finfo(torch.float32).tiny)
     worst, worst_name = 0.0, ""
     for name, w in want.items():
-        g = got[name].detach().to(w.dtype)
         if w.numel() == 0:
             continue
-        err = float((g - w.detach()).abs().max()) / max(float(w.detach().abs().max()), floor)
+        w = w.detach()
+        g = got[name].detach().to(w.dtype)
+        err = float((g - w).abs().max()) / max(float(w.abs().max()), floor)
         if err > worst or not worst_name:
             worst, worst_name = err, name
     return worst, worst_name
+
+
+def gradient_error(got, want) -> Tuple[float, str]:
+    return max_relative_error(got, want, GRADIENT_FLOOR_FRACTION * largest_magnitude(want))
+
+
+def parameter_error(got, want, init_std: float) -> Tuple[float, str]:
+    return max_relative_error(got, want, init_std)
 
 
 def scalar_relative_error(got: float, want: float) -> float:

@@ -161,10 +161,10 @@ class MoETransformer(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> LossParts:
         b, t = ids.shape
         x = self.drop(self.tokens(ids) + self.positions(torch.arange(t, device=ids.device)))
-        aux = z = x.new_zeros((), dtype=torch.float32)
+        aux = z = R.at_least_fp32(x.new_zeros(()))
         for block in self.blocks:
             x, a, zz = block(x)
             aux, z = aux + a, z + zz
         logits = self.lm_head(self.final_ln(x))
-        ce = F.cross_entropy(logits.reshape(b * t, -1).float(), targets.reshape(-1))
+        ce = F.cross_entropy(R.at_least_fp32(logits.reshape(b * t, -1)), targets.reshape(-1))
         return combine_loss(self.cfg, ce, aux, z)

@@ -22,6 +22,11 @@ from typing import Optional, Tuple
 import torch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax-like reductions run in fp32 under bf16 autocast, and stay in fp64 when verifying."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float,
              expert_capacity: Optional[int] = None) -> int:
     """Per-expert capacity of one micro-batch: ``ceil(cf * tokens * top_k / experts)`` unless fixed."""
@@ -36,7 +41,7 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Tuple[torch
     Returns ``probs`` [N, E], ``topk_prob`` [N, k] (renormalised when ``norm_topk_prob``) and
     ``topk_idx`` [N, k].
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(at_least_fp32(logits), dim=-1)
     topk_prob, topk_idx = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         topk_prob = topk_prob / topk_prob.sum(dim=-1, keepdim=True)
@@ -89,4 +94,4 @@ def load_balance_loss(probs: torch.Tensor, token_offset: int, counts: torch.Tens
 
 def z_loss(logits: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """This slice's share of the router z-loss ``mean_tokens(logsumexp(logits) ** 2)`` (unweighted)."""
-    return torch.logsumexp(logits.float(), dim=-1).square().sum() / num_tokens
+    return torch.logsumexp(at_least_fp32(logits), dim=-1).square().sum() / num_tokens

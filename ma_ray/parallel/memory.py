@@ -101,6 +101,9 @@ def precision_of(cfg: Config) -> Precision:
     if cfg.train.mixed_precision == "bf16":
         return Precision("bf16", working_param_bytes=2, master_param_bytes=4, grad_bytes=4,
                          moment_bytes=4, activation_bytes=2)
+    if cfg.train.mixed_precision == "fp64":
+        return Precision("fp64", working_param_bytes=0, master_param_bytes=8, grad_bytes=8,
+                         moment_bytes=8, activation_bytes=8)
     return Precision("fp32", working_param_bytes=0, master_param_bytes=4, grad_bytes=4,
                      moment_bytes=4, activation_bytes=4)
 

@@ -1,0 +1,217 @@
+"""The attention role: this worker's heads of every layer plus the attention side's replicated
+pieces, applied to its slice of each micro-batch's tokens.
+
+Data flow per layer (``S`` = this worker's token slice, collectives over the attention pool):
+  h_S = ln1(x_S) --all-gather--> h --my heads--> partial --reduce-scatter--> a_S
+  x1_S, h2_S, logits_S = post_attention(x_S, a_S); top-k --all-gather indices--> capacity, counts
+  rows of h2_S sorted by expert --send--> MoE workers --recv--> expert outputs
+  x_S' = x1_S + combine(expert outputs, gate probabilities)
+Backward runs the same path in reverse: an all-gather's backward is a reduce-scatter and the
+other way round. Every piece between two transfers is its own small autograd graph whose inputs
+are leaves, so a transfer sits between two explicit ``backward`` calls.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ma_ray.model import dispatch as D
+from ma_ray.model import router as R
+from ma_ray.model.attention import AttentionShard
+from ma_ray.model.attention_side import AttentionSideParams
+from ma_ray.model.naming import prefixed
+from ma_ray.parallel.shares import balanced_ranges
+from ma_ray.runtime.role import Role, grad_of
+from ma_ray.parallel.placement import ATTENTION
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+class AttentionStack(nn.Module):
+    def __init__(self, cfg, heads):
+        super().__init__()
+        self.side = AttentionSideParams(cfg)
+        self.shards = nn.ModuleList(AttentionShard(cfg.model, heads) for _ in range(cfg.model.num_layers))
+
+    def global_slices(self):
+        out = list(prefixed(self.side.global_slices(), "side"))
+        for layer, shard in enumerate(self.shards):
+            out += prefixed(shard.global_slices(layer), f"shards.{layer}")
+        return out
+
+
+class AttentionRole(Role):
+    kind = ATTENTION
+
+    def __init__(self, cfg, plan, me, links, device, dataset):
+        stack = AttentionStack(cfg, me.heads)
+        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices())
+        self.stack = stack
+        self.dataset = dataset
+        t, moe = cfg.train, cfg.moe
+        self.seq, self.batch = t.seq_length, t.micro_batch_size
+        self.tokens = self.batch * self.seq
+        self.slice_sizes = [len(r) for r in balanced_ranges(self.tokens, plan.attention_gpus)]
+        my = balanced_ranges(self.tokens, plan.attention_gpus)[me.rank]
+        self.lo, self.hi = my.start, my.stop
+        self.top_k, self.num_experts = moe.top_k, moe.num_experts
+        self.capacity = R.capacity(self.tokens, moe.top_k, moe.num_experts, moe.capacity_factor, moe.expert_capacity)
+        self.accum = t.gradient_accumulation_steps
+        self.moe_workers = [(w.gpu, list(w.experts)) for w in plan.moe_workers()]
+        self.checkpointing = t.activation_checkpointing and device.type == "cuda"
+        # A replicated parameter's gradient is summed over the pool; rank 0 counts it in the norm.
+        self.side_params = list(self.stack.side.parameters())
+
+    # -- per-step state ---------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self.state: Dict = {}
+        self.x: Dict = {}  # (micro, layer) -> residual leaf entering that layer (layer L: final)
+        self.losses = torch.zeros(3, dtype=torch.float64)  # ce, aux, z: this slice's share
+
+    def end_micro_batches(self):
+        ce, aux, z = self.losses.tolist()
+        m = self.cfg.moe
+        return {"loss_share": ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
+                "ce_share": ce, "aux_share": aux, "z_share": z}
+
+    def synchronize_gradients(self) -> None:
+        grads = [p.grad for p in self.side_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.links.allreduce_attention(flat)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def norm_parameters(self):
+        if self.me.rank == 0:
+            return list(self.module.parameters())
+        return [p for shard in self.stack.shards for p in shard.parameters()]
+
+    # -- forward ops ------------------------------------------------------------------------
+
+    def embed(self, mb: int, _layer: int) -> None:
+        ids, targets = self.dataset.micro_batch(self.step, mb)
+        flat_ids = ids.reshape(-1)[self.lo:self.hi].to(self.device)
+        positions = (torch.arange(self.lo, self.hi) % self.seq).to(self.device)
+        with self.timer.measure("attention"), self._autocast():
+            x = self.stack.side.embed(flat_ids, positions)
+        self.state[mb, "embed"] = x
+        self.state[mb, "targets"] = targets.reshape(-1)[self.lo:self.hi].to(self.device)
+        self.x[mb, 0] = _leaf(x)
+
+    def attn_fwd(self, mb: int, layer: int) -> None:
+        side, shard = self.stack.side, self.stack.shards[layer]
+        x = self.x[mb, layer]
+        with self.timer.measure("attention"), self._autocast():
+            h_slice = side.pre_attention(layer, x)
+        h = _leaf(self.links.gather_tokens(h_slice.detach(), self.slice_sizes))
+        with self.timer.measure("attention"), self._autocast():
+            h3 = h.view(self.batch, self.seq, -1)
+            partial = checkpoint(shard, h3, use_reentrant=False) if self.checkpointing else shard(h3)
+        a = _leaf(self.links.scatter_tokens(partial.detach().view(self.tokens, -1), self.slice_sizes))
+        with self.timer.measure("attention"), self._autocast():
+            x1, h2, logits = side.post_attention(layer, x, a)
+            probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
+        all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
+        with self.timer.measure("attention"):
+            keep = R.capacity_keep(all_idx, self.num_experts, self.capacity)[self.lo:self.hi]
+            counts = R.expert_counts(all_idx, self.num_experts, self.seq, self.cfg.moe.seq_aux)
+            aux = R.load_balance_loss(probs, self.lo, counts, self.seq, self.tokens, self.top_k, self.cfg.moe.seq_aux)
+            z = R.z_loss(logits, self.tokens)
+            router_loss = (self.cfg.moe.aux_loss_alpha * aux + self.cfg.moe.router_z_loss_coef * z) / self.accum
+            order, per_expert = D.dispatch_order(topk_idx, keep, self.num_experts)
+            rows = D.gather_rows(h2, order, self.top_k)
+        self.losses[1] += float(aux.detach()) / self.accum
+        self.losses[2] += float(z.detach()) / self.accum
+        self.state[mb, layer, "fwd"] = dict(h_slice=h_slice, h=h, partial=partial, a=a, x1=x1, topk_prob=topk_prob,
+                                            rows=rows, router_loss=router_loss, order=order, per_expert=per_expert)
+
+    def dispatch(self, mb: int, layer: int) -> None:
+        st = self.state[mb, layer, "fwd"]
+        blocks, sends = self._split_by_worker(st["rows"], st["per_expert"])
+        for (dst, experts), block in zip(self.moe_workers, blocks):
+            counts = st["per_expert"][experts].to(torch.int64)
+            sends.append(self.links.isend(counts, dst))
+            sends.append(self.links.isend(block.detach().to(self.wire_dtype).contiguous(), dst))
+        st["sizes"] = [b.shape[0] for b in blocks]
+        st["sends"] = sends
+
+    def combine(self, mb: int, layer: int) -> None:
+        st = self.state[mb, layer, "fwd"]
+        hidden = self.cfg.model.hidden_size
+        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
+        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
+        with self.timer.measure("wait_moe"):
+            for h in handles + st.pop("sends"):
+                h.wait()
+        out = _leaf(torch.cat(bufs))
+        x1, topk_prob = _leaf(st["x1"]), _leaf(st["topk_prob"])
+        with self.timer.measure("attention"), self._autocast():
+            y = D.combine(self.hi - self.lo, out, st["order"], topk_prob, self.top_k)
+            x2 = self.stack.side.post_moe(x1, y)
+        self.state[mb, layer, "combine"] = dict(out=out, x1=x1, topk_prob=topk_prob, x2=x2)
+        self.x[mb, layer + 1] = _leaf(x2)
+
+    def head(self, mb: int, _layer: int) -> None:
+        x = self.x[mb, self.cfg.model.num_layers]
+        with self.timer.measure("attention"), self._autocast():
+            ce = self.stack.side.ce_sum(x, self.state.pop((mb, "targets"))) / (self.tokens * self.accum)
+            ce.backward()
+        self.losses[0] += float(ce.detach())
+
+    # -- backward ops -----------------------------------------------------------------------
+
+    def combine_bwd(self, mb: int, layer: int) -> None:
+        c = self.state.pop((mb, layer, "combine"))
+        st = self.state[mb, layer, "fwd"]
+        with self.timer.measure("attention"):
+            torch.autograd.backward(c["x2"], self.x.pop((mb, layer + 1)).grad)
+        st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
+        blocks, sends = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
+        for (dst, _), block in zip(self.moe_workers, blocks):
+            sends.append(self.links.isend(block.to(self.wire_dtype).contiguous(), dst))
+        st["sends"] = sends
+
+    def dispatch_bwd(self, mb: int, layer: int) -> None:
+        st = self.state[mb, layer, "fwd"]
+        hidden = self.cfg.model.hidden_size
+        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
+        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
+        with self.timer.measure("wait_moe"):
+            for h in handles + st.pop("sends"):
+                h.wait()
+        with self.timer.measure("attention"):
+            torch.autograd.backward(
+                [st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
+                [st["x1_grad"], st["topk_prob_grad"], torch.cat(bufs).to(st["rows"].dtype),
+                 torch.ones_like(st["router_loss"])])
+
+    def attn_bwd(self, mb: int, layer: int) -> None:
+        st = self.state.pop((mb, layer, "fwd"))
+        grad_partial = self.links.gather_tokens(st["a"].grad, self.slice_sizes)
+        with self.timer.measure("attention"):
+            torch.autograd.backward(st["partial"], grad_partial.view_as(st["partial"]))
+        grad_h_slice = self.links.scatter_tokens(st["h"].grad, self.slice_sizes)
+        with self.timer.measure("attention"):
+            torch.autograd.backward(st["h_slice"], grad_h_slice)
+
+    def embed_bwd(self, mb: int, _layer: int) -> None:
+        with self.timer.measure("attention"):
+            torch.autograd.backward(self.state.pop((mb, "embed")), self.x.pop((mb, 0)).grad)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _split_by_worker(self, rows: torch.Tensor, per_expert: torch.Tensor):
+        """Rows sorted by expert -> one contiguous block per MoE worker (its expert range)."""
+        sizes = [int(per_expert[experts].sum()) for _, experts in self.moe_workers]
+        return list(torch.split(rows, sizes)), []

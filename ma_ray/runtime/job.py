@@ -1,0 +1,95 @@
+"""The driver's handle on a running MA-separated job: the placement group, one worker actor per
+GPU slot, and one call per worker per step.
+
+It only moves scalars (losses, timings): tensors cross between workers through the collective
+groups. ``export`` is the exception, for verification and checkpoints: it gathers parameters,
+gradients or optimizer moments by global name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Dict, List
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ma_ray.parallel.placement import make_plan
+from ma_ray.runtime.cluster import reserve_gpus
+from ma_ray.runtime.worker import Worker
+
+
+class TrainingJob:
+    def __init__(self, cfg, dataset, attention_gpus: int | None = None, name: str | None = None,
+                 torch_threads: int | None = None):
+        self.cfg = cfg
+        self.name = name or f"ma-{uuid.uuid4().hex[:8]}"
+        self.plan = make_plan(cfg, attention_gpus)
+        self.generation = 0
+        self.pg = reserve_gpus(cfg.cluster)
+        c = cfg.cluster
+        self.slots = list(itertools.product(range(c.num_nodes), range(c.gpus_per_node)))
+        self.workers = {
+            slot: Worker.options(
+                num_gpus=1, num_cpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot[0]),
+            ).remote(torch_threads)
+            for slot in self.slots
+        }
+        self._dataset_ref = ray.put(dataset)
+        self.info = self._setup()
+
+    def _setup(self) -> List[dict]:
+        return ray.get([w.setup.remote(self.cfg, self.plan, slot, self.name, self.generation, self._dataset_ref)
+                        for slot, w in self.workers.items()])
+
+    def _by_gpu(self):
+        """Workers in global-id order of the current plan."""
+        return [self.workers[g.slot] for g in self.plan.gpus]
+
+    def step(self, step: int) -> dict:
+        """Run one optimizer step on every worker; returns the loss and each pool's timings."""
+        results = ray.get([w.train_step.remote(step) for w in self._by_gpu()])
+        return summarize(self.cfg, self.plan, results)
+
+    def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
+        """Every global tensor once: replicated attention-side tensors from attention rank 0."""
+        out: Dict[str, torch.Tensor] = {}
+        for g, part in zip(self.plan.gpus, ray.get([w.export.remote(which, key) for w in self._by_gpu()])):
+            for name, tensor in part.items():
+                if name not in out:
+                    out[name] = tensor
+        return out
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([w.close.remote() for w in self.workers.values()], timeout=30)
+        except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
+            pass
+        for w in self.workers.values():
+            ray.kill(w)
+        ray.util.remove_placement_group(self.pg)
+
+
+def summarize(cfg, plan, results: List[dict]) -> dict:
+    """Per-step metrics from the workers' results (listed in global-id order)."""
+    attn = [r for g, r in zip(plan.gpus, results) if g.is_attention]
+    moe = [r for g, r in zip(plan.gpus, results) if not g.is_attention]
+    stages = cfg.train.gradient_accumulation_steps * cfg.model.num_layers
+    # A pool is as slow as its slowest worker; a stage is one layer of one micro-batch, fwd + bwd.
+    t_attn = max(r["timings"].get("attention", 0.0) for r in attn) / stages
+    t_moe = max(r["timings"].get("moe", 0.0) for r in moe) / stages
+    return {
+        "loss": sum(r["loss_share"] for r in attn),
+        "ce": sum(r["ce_share"] for r in attn),
+        "aux": sum(r["aux_share"] for r in attn),
+        "z": sum(r["z_share"] for r in attn),
+        "grad_norm": attn[0]["grad_norm"],
+        "lr": attn[0]["lr"],
+        "t_attention_s": t_attn,
+        "t_moe_s": t_moe,
+        "imbalance": abs(t_attn - t_moe) / max(t_attn, t_moe, 1e-12),
+        "attention_gpus": plan.attention_gpus,
+    }

@@ -1,0 +1,99 @@
+"""What every worker role shares: its parameters by global name, AdamW, the schedule loop, the
+end-of-step gradient synchronisation and clipping, and timing.
+
+A role (attention or MoE) owns a module whose parameters are cut from the global model by the
+names of ``ma_ray.model.naming``; a subclass provides the ops of its schedule as methods named
+after the op kinds.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ma_ray.model.naming import GlobalSlice, export_global, import_global, initialize
+from ma_ray.optim import build_optimizer, clip_coefficient, param_dtype
+from ma_ray.runtime.schedule import schedule_for
+from ma_ray.runtime.timing import StageTimer
+
+
+def grad_of(leaf: torch.Tensor) -> torch.Tensor:
+    """A leaf's gradient; zeros when nothing reached it (no token was routed through it)."""
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+class Role:
+    kind = ""
+
+    def __init__(self, cfg, plan, me, links, device: torch.device, module: nn.Module, slices: List[GlobalSlice]):
+        self.cfg, self.plan, self.me, self.links, self.device = cfg, plan, me, links, device
+        self.module = module
+        self.slices = slices
+        initialize(self.module, self.slices, cfg.model.initializer_range, cfg.train.seed)
+        self.module.to(device, param_dtype(cfg))
+        self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
+        self.timer = StageTimer(device)
+        self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps)
+        bf16 = cfg.train.mixed_precision == "bf16"
+        self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        # Activations and their gradients cross between the pools in this dtype.
+        self.wire_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> Dict[str, float]:
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        self.timer.reset()
+        self.begin_step(step)
+        for op in self.schedule:
+            getattr(self, op.kind)(op.micro, op.layer)
+        metrics = self.end_micro_batches()
+        with self.timer.measure("grad_sync"):
+            self.synchronize_gradients()
+        norm = self._global_grad_norm()
+        coef = clip_coefficient(norm, self.cfg.train.gradient_clipping)
+        grads = [p.grad for p in self.module.parameters()]
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+        with self.timer.measure("optimizer"):
+            self.optimizer.step()
+        self.scheduler.step()
+        metrics.update(grad_norm=norm, lr=self.optimizer.param_groups[0]["lr"])
+        metrics["timings"] = self.timer.totals()
+        return metrics
+
+    def _global_grad_norm(self) -> float:
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for p in self.norm_parameters():
+            sq += p.grad.double().square().sum()
+        self.links.allreduce_world(sq)
+        return math.sqrt(float(sq))
+
+    # -- hooks for the roles ----------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def end_micro_batches(self) -> Dict[str, float]:
+        return {}
+
+    def synchronize_gradients(self) -> None:
+        pass
+
+    def norm_parameters(self):
+        """Parameters whose gradients this worker counts in the global norm (each once overall)."""
+        return self.module.parameters()
+
+    # -- state by global name ---------------------------------------------------------------
+
+    def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
+        out = export_global(self.module, self.slices, which, self.optimizer, key)
+        return {k: v.cpu() for k, v in out.items()}
+
+    def load(self, tensors: Dict[str, torch.Tensor]) -> None:
+        import_global(self.module, self.slices, tensors)

@@ -1,0 +1,47 @@
+"""Per-worker stage timing: how long a worker computes and how long it waits on transfers.
+
+On GPU, compute is timed with CUDA events (the host returns before the kernels finish, so a
+host clock would measure launch time); the events are resolved once at the end of the step, so
+timing adds no synchronisation inside the step. On CPU a monotonic clock is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Dict, List, Tuple
+
+import torch
+
+
+class StageTimer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._host: Dict[str, float] = defaultdict(float)
+        self._events: List[Tuple[str, object, object]] = []
+
+    @contextmanager
+    def measure(self, label: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((label, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._host[label] += time.perf_counter() - t0
+
+    def totals(self) -> Dict[str, float]:
+        """Seconds per label since the last reset (synchronises the GPU once)."""
+        out = dict(self._host)
+        if self._events:
+            torch.cuda.synchronize()
+            for label, start, end in self._events:
+                out[label] = out.get(label, 0.0) + start.elapsed_time(end) / 1000.0
+        return out
