@@ -75,12 +75,14 @@ class AttentionRole(Role):
         self.state: Dict = {}
         self.x: Dict = {}  # (micro, layer) -> residual leaf entering that layer (layer L: final)
         self.losses = torch.zeros(3, dtype=torch.float64)  # ce, aux, z: this slice's share
+        self.dropped = 0  # (token, slot) assignments past capacity, whole micro-batches
 
     def end_micro_batches(self):
         ce, aux, z = self.losses.tolist()
         m = self.cfg.moe
+        assignments = self.tokens * self.top_k * self.accum * self.cfg.model.num_layers
         return {"loss_share": ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
-                "ce_share": ce, "aux_share": aux, "z_share": z}
+                "ce_share": ce, "aux_share": aux, "z_share": z, "dropped_fraction": self.dropped / assignments}
 
     def synchronize_gradients(self) -> None:
         grads = [p.grad for p in self.side_params]
@@ -124,13 +126,15 @@ class AttentionRole(Role):
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
         all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
         with self.timer.measure("attention"):
-            keep = R.capacity_keep(all_idx, self.num_experts, self.capacity)[self.lo:self.hi]
+            keep_all = R.capacity_keep(all_idx, self.num_experts, self.capacity)
+            keep = keep_all[self.lo:self.hi]
             counts = R.expert_counts(all_idx, self.num_experts, self.seq, self.cfg.moe.seq_aux)
             aux = R.load_balance_loss(probs, self.lo, counts, self.seq, self.tokens, self.top_k, self.cfg.moe.seq_aux)
             z = R.z_loss(logits, self.tokens)
             router_loss = (self.cfg.moe.aux_loss_alpha * aux + self.cfg.moe.router_z_loss_coef * z) / self.accum
             order, per_expert = D.dispatch_order(topk_idx, keep, self.num_experts)
             rows = D.gather_rows(h2, order, self.top_k)
+        self.dropped += int((~keep_all).sum())
         self.losses[1] += float(aux.detach()) / self.accum
         self.losses[2] += float(z.detach()) / self.accum
         self.state[mb, layer, "fwd"] = dict(h_slice=h_slice, h=h, partial=partial, a=a, x1=x1, topk_prob=topk_prob,

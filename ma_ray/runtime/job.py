@@ -18,7 +18,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime.cluster import reserve_gpus
+from ma_ray.runtime.links import worker_name
 from ma_ray.runtime.worker import Worker
+
+
+class StepFailed(RuntimeError):
+    """Some workers failed a step; the message names each and its first error line."""
 
 
 class TrainingJob:
@@ -51,8 +56,23 @@ class TrainingJob:
 
     def step(self, step: int) -> dict:
         """Run one optimizer step on every worker; returns the loss and each pool's timings."""
-        results = ray.get([w.train_step.remote(step) for w in self._by_gpu()])
-        return summarize(self.cfg, self.plan, results)
+        refs = [w.train_step.remote(step) for w in self._by_gpu()]
+        return summarize(self.cfg, self.plan, self._gather(refs, f"step {step}"))
+
+    def _gather(self, refs, what: str) -> list:
+        """Every worker's result; when some fail, one error naming each failed worker and why
+        (a dead worker's peers report which transfer with it broke)."""
+        results, failures = [], []
+        for g, ref in zip(self.plan.gpus, refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                failures.append(f"{worker_name(g.node, g.local_gpu)} ({g.role}): {type(cause).__name__}: {first}")
+        if failures:
+            raise StepFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: " + "; ".join(failures))
+        return results
 
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
         """Every global tensor once: replicated attention-side tensors from attention rank 0."""
@@ -87,6 +107,7 @@ def summarize(cfg, plan, results: List[dict]) -> dict:
         "aux": sum(r["aux_share"] for r in attn),
         "z": sum(r["z_share"] for r in attn),
         "grad_norm": attn[0]["grad_norm"],
+        "dropped_fraction": attn[0]["dropped_fraction"],
         "lr": attn[0]["lr"],
         "t_attention_s": t_attn,
         "t_moe_s": t_moe,

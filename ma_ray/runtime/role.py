@@ -60,10 +60,11 @@ class Role:
         grads = [p.grad for p in self.module.parameters()]
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
         with self.timer.measure("optimizer"):
             self.optimizer.step()
         self.scheduler.step()
-        metrics.update(grad_norm=norm, lr=self.optimizer.param_groups[0]["lr"])
+        metrics.update(grad_norm=norm, lr=lr)
         metrics["timings"] = self.timer.totals()
         return metrics
 
