@@ -124,16 +124,20 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention GPUs of the split (default: cluster.attention_gpus)")
     parser.add_argument("--precision", choices=["fp64", "fp32"], default="fp64",
                         help="arithmetic of both runs (default fp64: see README, Verification)")
+    parser.add_argument("--rebalance", metavar="STEP:K[,STEP:K...]",
+                        help="move to K attention GPUs before STEP (heads, experts and AdamW moments migrate)")
 
 
 def _verify_run(args: argparse.Namespace) -> int:
-    from ma_ray.verify import verify
+    from ma_ray.verify import parse_rebalances, verify
 
     _positive_steps(args)
     cfg = _train_config(args)
     if args.attention_gpus is not None:
         check_split(cfg, args.attention_gpus, key="--attention-gpus")
-    report = verify(cfg, args.attention_gpus, args.steps or 2, args.precision)
+    rebalances = parse_rebalances(args.rebalance)
+    steps = args.steps or max(2, *(s + 1 for s in rebalances))
+    report = verify(cfg, args.attention_gpus, steps, args.precision, rebalances=rebalances)
     print(json.dumps(report))
     return 0 if report["ok"] else 1
 

@@ -8,9 +8,9 @@ forces those two settings and says so in its report.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
-from ma_ray.config import Config
+from ma_ray.config import Config, ConfigError, check_split
 from ma_ray.data import build_dataset
 from ma_ray.model.compare import gradient_error, parameter_error, scalar_relative_error
 from ma_ray.model.reference_trainer import ReferenceTrainer
@@ -26,8 +26,19 @@ def exact_settings(cfg: Config, precision: str) -> Config:
                           "model.attention_probs_dropout_prob": 0.0})
 
 
+def parse_rebalances(text: Optional[str]) -> Dict[int, int]:
+    """``"2:10,4:13"`` -> {2: 10, 4: 13}: before step 2 move to 10 attention GPUs, before 4 to 13."""
+    out: Dict[int, int] = {}
+    for item in filter(None, (text or "").split(",")):
+        step, sep, k = item.partition(":")
+        if not sep or not step.strip().isdigit() or not k.strip().isdigit():
+            raise ConfigError(f"--rebalance: expected STEP:K[,STEP:K...], got {item!r}")
+        out[int(step)] = int(k)
+    return out
+
+
 def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, precision: str = "fp64",
-           torch_threads: Optional[int] = 1) -> dict:
+           torch_threads: Optional[int] = 1, rebalances: Optional[Dict[int, int]] = None) -> dict:
     """Run ``steps`` steps both ways; the report's ``ok`` holds when every error is within TOLERANCE.
 
     ``precision`` fp64 is the default because it is the one in which the comparison can be sharp:
@@ -37,6 +48,11 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
     by more than 1e-5 in places after one step, while losses and gradients agree to ~1e-6.
     """
     cfg = exact_settings(cfg, precision)
+    rebalances = rebalances or {}
+    for step, k in rebalances.items():
+        if not 1 <= step < steps:
+            raise ConfigError(f"--rebalance: step {step} is not between 1 and --steps - 1 ({steps - 1})")
+        check_split(cfg, k, key=f"--rebalance {step}:{k}")
     dataset = build_dataset(cfg)
     connect(cfg.cluster)
     job = TrainingJob(cfg, dataset, attention_gpus, torch_threads=torch_threads)
@@ -44,8 +60,10 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
         reference = ReferenceTrainer(cfg)
         init_std = cfg.model.initializer_range
         init_err, _ = parameter_error(job.export(), reference.parameters_by_name(), init_std)
-        per_step = []
+        per_step, migrations = [], []
         for step in range(steps):
+            if step in rebalances:
+                migrations.append({"before_step": step, **job.apply_split(rebalances[step])})
             got = job.step(step)
             want = reference.step([dataset.micro_batch(step, i) for i in range(dataset.grad_accum)])
             grad, grad_name = gradient_error(job.export("grad"), reference.gradients_by_name())
@@ -61,5 +79,5 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
         "ok": max(init_err, *worst.values()) <= TOLERANCE,
         "precision": precision, "dropout": 0.0, "steps": steps, "tolerance": TOLERANCE,
         "attention_gpus": job.plan.attention_gpus, "moe_gpus": job.plan.moe_gpus,
-        "initial_param_rel_err": init_err, **worst, "per_step": per_step,
+        "initial_param_rel_err": init_err, **worst, "migrations": migrations, "per_step": per_step,
     }

@@ -90,14 +90,16 @@ def export_global(module: nn.Module, slices: Iterable[GlobalSlice], which: str =
     return out
 
 
-def import_global(module: nn.Module, slices: Iterable[GlobalSlice], tensors: Dict[str, torch.Tensor]) -> None:
-    """Copy parameters in by global name; every slice of the module must be present."""
-    params = dict(module.named_parameters())
+def import_global(module: nn.Module, slices: Iterable[GlobalSlice], tensors: Dict[str, torch.Tensor],
+                  targets: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Copy tensors in by global name; every slice of the module must be present. ``targets``
+    (local parameter name -> tensor of its shape, e.g. an AdamW moment) default to the parameters."""
+    targets = dict(module.named_parameters()) if targets is None else targets
     with torch.no_grad():
         for s in slices:
             if s.name not in tensors:
                 raise KeyError(f"missing parameter {s.name}")
-            dst = s.view(params[s.local])
+            dst = s.view(targets[s.local])
             dst.copy_(tensors[s.name].reshape(dst.shape))
 
 

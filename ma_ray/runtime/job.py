@@ -9,13 +9,15 @@ gradients or optimizer moments by global name.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime.cluster import reserve_gpus
 from ma_ray.runtime.links import worker_name
@@ -28,7 +30,7 @@ class StepFailed(RuntimeError):
 
 class TrainingJob:
     def __init__(self, cfg, dataset, attention_gpus: int | None = None, name: str | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, checkpoint: str | None = None):
         self.cfg = cfg
         self.name = name or f"ma-{uuid.uuid4().hex[:8]}"
         self.plan = make_plan(cfg, attention_gpus)
@@ -44,11 +46,34 @@ class TrainingJob:
             for slot in self.slots
         }
         self._dataset_ref = ray.put(dataset)
-        self.info = self._setup()
+        self.info = self._setup(checkpoint)
 
-    def _setup(self) -> List[dict]:
-        return ray.get([w.setup.remote(self.cfg, self.plan, slot, self.name, self.generation, self._dataset_ref)
+    def _setup(self, checkpoint: Optional[str] = None) -> List[dict]:
+        return ray.get([w.become.remote(self.cfg, self.plan, slot, self.name, self.generation, self._dataset_ref,
+                                        checkpoint=checkpoint)
                         for slot, w in self.workers.items()])
+
+    def apply_split(self, attention_gpus: int) -> dict:
+        """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
+        from their old to their new owners (worker to worker), GPUs whose role changes become
+        workers of the other pool, and the collective groups are rebuilt. Returns what moved and
+        the pause it cost."""
+        new_plan = make_plan(self.cfg, attention_gpus)
+        t0 = time.perf_counter()
+        diff = diff_plans(self.plan, new_plan)
+        if diff.is_empty:
+            return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0}
+        # Every worker cuts its state for every slot; slot j's parts are return value j of each.
+        cuts = {slot: w.export_for.options(num_returns=len(self.slots)).remote(new_plan, self.slots)
+                for slot, w in self.workers.items()}
+        self.generation += 1
+        ray.get([w.become.remote(self.cfg, new_plan, slot, self.name, self.generation, self._dataset_ref,
+                                 [cuts[src][j] for src in self.slots])
+                 for j, (slot, w) in enumerate(self.workers.items())])
+        self.plan = new_plan
+        return {"attention_gpus": attention_gpus, "pause_s": time.perf_counter() - t0,
+                "moved_heads": len(diff.head_moves), "moved_experts": len(diff.expert_moves),
+                "role_changes": len(diff.role_changes)}
 
     def _by_gpu(self):
         """Workers in global-id order of the current plan."""

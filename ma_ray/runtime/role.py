@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from ma_ray.model.naming import GlobalSlice, export_global, import_global, initialize
-from ma_ray.optim import build_optimizer, clip_coefficient, param_dtype
+from ma_ray.optim import build_optimizer, clip_coefficient, lr_factor, param_dtype
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.timing import StageTimer
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def grad_of(leaf: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,8 @@ class Role:
 
     def train_step(self, step: int) -> Dict[str, float]:
         self.module.train()
+        # Dropout's RNG is a function of (seed, step, worker): nothing to checkpoint.
+        torch.manual_seed(hash((self.cfg.train.seed, step, self.me.node, self.me.local_gpu)) & 0x7FFF_FFFF)
         self.optimizer.zero_grad(set_to_none=False)
         self.timer.reset()
         self.begin_step(step)
@@ -96,5 +101,28 @@ class Role:
         out = export_global(self.module, self.slices, which, self.optimizer, key)
         return {k: v.cpu() for k, v in out.items()}
 
-    def load(self, tensors: Dict[str, torch.Tensor]) -> None:
-        import_global(self.module, self.slices, tensors)
+    def export_state(self, names=None) -> dict:
+        """Parameters and AdamW moments by global name (all, or only ``names``), and the step count:
+        everything a worker of any layout needs to continue this training."""
+        keep = (lambda d: d) if names is None else (lambda d: {k: v for k, v in d.items() if k in names})
+        return {"params": keep(self.export("param")),
+                **{key: keep(self.export("state", key)) for key in MOMENTS},
+                "optimizer_steps": self.scheduler.last_epoch}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``export_state`` payloads (merged over the workers that held the names)."""
+        import_global(self.module, self.slices, state["params"])
+        steps = state["optimizer_steps"]
+        if steps == 0:
+            return  # AdamW has no moments before its first step
+        params = dict(self.module.named_parameters())
+        for key in MOMENTS:
+            moments = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name, p in params.items()}
+            import_global(self.module, self.slices, state[key], moments)
+            for name, p in params.items():
+                self.optimizer.state[p][key] = moments[name]
+        for p in params.values():
+            self.optimizer.state[p]["step"] = torch.tensor(float(steps))
+        self.scheduler.last_epoch = steps
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(steps, self.cfg.train)

@@ -1,13 +1,16 @@
 """The worker actor: one per GPU, pinned to its placement-group bundle, hosting one role.
 
-The actor outlives roles: when the split changes, the same actor (same GPU) is handed a new
-plan and becomes a worker of either pool. The driver calls it once per step; activations and
-gradients travel between workers only.
+The actor outlives roles: when the split changes, the same actor (same GPU) is handed the new
+plan and the state it needs, and becomes a worker of either pool. The driver calls it once per
+step; activations and gradients travel between workers only, and migrated state travels from
+worker to worker through the object store (the driver passes references, not tensors).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import ray
 import torch
@@ -20,17 +23,27 @@ class Worker:
             torch.set_num_threads(torch_threads)
         # The device comes from torch: an emulated Ray GPU has no CUDA device behind it.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cfg = None
         self.role = None
         self.links = None
 
-    def setup(self, cfg, plan, slot, job: str, generation: int, dataset) -> dict:
-        """Become the worker of ``plan`` at ``slot`` (node, local GPU) and join its groups."""
+    def become(self, cfg, plan, slot, job: str, generation: int, dataset,
+               state_parts: Sequence = (), checkpoint: Optional[str] = None) -> dict:
+        """Be the worker of ``plan`` at ``slot`` (node, local GPU): join the plan's groups, build
+        the role, and load its state from ``state_parts`` (references to payloads cut for this
+        slot by ``export_for``) or from a checkpoint folder; with neither, start from the seed."""
         from ma_ray.comm.cpu_backend import ensure_registered
         from ma_ray.runtime.attention_role import AttentionRole
         from ma_ray.runtime.links import Links
+        from ma_ray.runtime.migration import merge
         from ma_ray.runtime.moe_role import MoERole
 
+        state = merge(ray.get(list(state_parts))) if state_parts else None
+        if checkpoint is not None:
+            state = _read_checkpoint(checkpoint)
+        self.close()
         ensure_registered()
+        self.cfg = cfg
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
         self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000))
@@ -38,8 +51,18 @@ class Worker:
             self.role = AttentionRole(cfg, plan, me, self.links, self.device, dataset)
         else:
             self.role = MoERole(cfg, plan, me, self.links, self.device)
+        if state is not None:
+            from ma_ray.runtime.migration import names_of, restrict
+            self.role.load_state(restrict(state, names_of(cfg, me)))
         return {"gpu": me.gpu, "role": me.role, "device": str(self.device),
                 "ray_gpu_ids": ray.get_gpu_ids(), "node_ip": ray.util.get_node_ip_address()}
+
+    def export_for(self, new_plan, slots: List) -> tuple:
+        """This worker's state cut for each slot of ``new_plan`` (one return value per slot)."""
+        from ma_ray.runtime.migration import names_of, owned_state, restrict
+
+        mine = owned_state(self.cfg, self.role.me, self.role.export_state())
+        return tuple(restrict(mine, names_of(self.cfg, new_plan.at_slot(slot))) for slot in slots)
 
     def train_step(self, step: int) -> dict:
         return self.role.train_step(step)
@@ -47,7 +70,27 @@ class Worker:
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
         return self.role.export(which, key)
 
+    def save_shard(self, folder: str) -> int:
+        """Write the state this worker is the single source of into ``folder``; returns bytes."""
+        from ma_ray.runtime.links import worker_name
+        from ma_ray.runtime.migration import owned_state, payload_bytes
+
+        me = self.role.me
+        state = owned_state(self.cfg, me, self.role.export_state())
+        path = Path(folder) / f"{worker_name(me.node, me.local_gpu)}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return payload_bytes(state)
+
     def close(self) -> None:
         if self.links is not None:
             self.links.close()
         self.role = self.links = None
+
+
+def _read_checkpoint(folder: str) -> dict:
+    from ma_ray.runtime.migration import merge
+
+    shards = sorted(Path(folder).glob("*.pt"))
+    return merge([torch.load(p, map_location="cpu", weights_only=True) for p in shards])
