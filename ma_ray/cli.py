@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
-from ma_ray.config import Config, check_split, load
+from ma_ray.config import Config, ControlConfig, check_split, load
 from ma_ray.errors import MaRayError
 
 PROG = "ma-ray"
@@ -82,35 +82,50 @@ def _plan_run(args: argparse.Namespace) -> int:
 LOCAL_PRESET = Path(__file__).resolve().parent.parent / "cluster" / "local-cpu.yaml"
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run a job (train, verify)."""
     parser.add_argument("--config", metavar="FILE",
                         help="YAML config (default: cluster/local-cpu.yaml, the emulated 4 x 4 CPU preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set train.seq_length=32 (repeatable)")
-    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps to run (default: train.num_train_steps)")
-    parser.add_argument("--out", metavar="DIR", help="run folder for metrics.jsonl (default: runs/<time>)")
+    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: train.num_train_steps)")
+    parser.add_argument("--attention-gpus", type=int, metavar="K",
+                        help="attention GPUs of the split (default: cluster.attention_gpus)")
 
 
-def _train_config(args: argparse.Namespace) -> Config:
+def _run_config(args: argparse.Namespace) -> Config:
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: must be at least 1, got {args.steps}")
     if args.config is None:
         if not LOCAL_PRESET.is_file():
             raise UsageError(f"no --config given and the local preset {LOCAL_PRESET} is missing")
         args.config = str(LOCAL_PRESET)
-    return _load_config(args)
+    cfg = _load_config(args)
+    if args.attention_gpus is not None:
+        check_split(cfg, args.attention_gpus, key="--attention-gpus")
+    return cfg
 
 
-def _positive_steps(args: argparse.Namespace) -> None:
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps: must be at least 1, got {args.steps}")
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _run_arguments(parser)
+    parser.add_argument("--out", metavar="DIR",
+                        help="run folder for metrics.jsonl and checkpoints (default: runs/<time>, or --resume's)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its latest checkpoint, on --attention-gpus or its split")
 
 
 def _train_run(args: argparse.Namespace) -> int:
     from ma_ray.train import train
 
-    _positive_steps(args)
-    cfg = _train_config(args)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    last = train(cfg, out, args.steps)
+    if args.resume is not None and args.config is None:
+        # Continue the run with its own config unless another is given.
+        args.config = str(Path(args.resume) / "config.yaml")
+        if not Path(args.config).is_file():
+            raise UsageError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+    cfg = _run_config(args)
+    out = Path(args.out or args.resume or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    resume = Path(args.resume) / "checkpoints" if args.resume else None
+    last = train(cfg, out, args.steps, resume=resume, attention_gpus=args.attention_gpus)
     print(json.dumps({"out": str(out), **last}))
     return 0
 
@@ -118,10 +133,7 @@ def _train_run(args: argparse.Namespace) -> int:
 # --- verify ----------------------------------------------------------------------------------
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
-    _train_arguments(parser)
-    parser.set_defaults(out=None)
-    parser.add_argument("--attention-gpus", type=int, metavar="K",
-                        help="attention GPUs of the split (default: cluster.attention_gpus)")
+    _run_arguments(parser)
     parser.add_argument("--precision", choices=["fp64", "fp32"], default="fp64",
                         help="arithmetic of both runs (default fp64: see README, Verification)")
     parser.add_argument("--rebalance", metavar="STEP:K[,STEP:K...]",
@@ -131,15 +143,41 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
 def _verify_run(args: argparse.Namespace) -> int:
     from ma_ray.verify import parse_rebalances, verify
 
-    _positive_steps(args)
-    cfg = _train_config(args)
-    if args.attention_gpus is not None:
-        check_split(cfg, args.attention_gpus, key="--attention-gpus")
+    cfg = _run_config(args)
     rebalances = parse_rebalances(args.rebalance)
     steps = args.steps or max(2, *(s + 1 for s in rebalances))
     report = verify(cfg, args.attention_gpus, steps, args.precision, rebalances=rebalances)
     print(json.dumps(report))
     return 0 if report["ok"] else 1
+
+
+# --- status, rebalance -----------------------------------------------------------------------
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ControlConfig()
+    parser.add_argument("--name", default=defaults.name, help=f"the job's control.name (default {defaults.name})")
+    parser.add_argument("--namespace", default=defaults.namespace,
+                        help=f"the job's control.namespace (default {defaults.namespace})")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or the local cluster)")
+
+
+def _status_run(args: argparse.Namespace) -> int:
+    from ma_ray.control.client import connect
+
+    print(json.dumps(connect(args.name, args.namespace, args.address).status(), indent=1))
+    return 0
+
+
+def _rebalance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("attention_gpus", type=int, metavar="K", help="attention GPUs of the new split")
+    _job_arguments(parser)
+
+
+def _rebalance_run(args: argparse.Namespace) -> int:
+    from ma_ray.control.client import connect
+
+    print(json.dumps(connect(args.name, args.namespace, args.address).rebalance(args.attention_gpus)))
+    return 0
 
 
 # --- wiring ----------------------------------------------------------------------------------
@@ -154,6 +192,8 @@ COMMANDS: Dict[str, Command] = {
               _train_arguments, _train_run),
     "verify": ("train distributed and single-process from the same start; compare loss, gradients, parameters",
                _verify_arguments, _verify_run),
+    "status": ("show a running job's split, stage times, imbalance and policy", _job_arguments, _status_run),
+    "rebalance": ("move a running job to K attention GPUs", _rebalance_arguments, _rebalance_run),
 }
 
 

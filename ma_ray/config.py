@@ -131,6 +131,13 @@ class DataConfig:
 
 
 @dataclass
+class ControlConfig:
+    # The controller is a named Ray actor: a notebook or `ma-ray status` finds it by these.
+    name: str = "ma-ray-controller"
+    namespace: str = "ma-ray"
+
+
+@dataclass
 class MemoryConfig:
     # The seed's per-GPU memory figures, kept as budgets the plan compares its estimate with.
     attention_gpu_budget_gb: float = 123.7
@@ -147,6 +154,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     @property
     def total_gpus(self) -> int:
@@ -384,6 +392,8 @@ def validate(cfg: Config) -> None:
              f"train.min_learning_rate: {t.min_learning_rate} exceeds train.learning_rate ({t.learning_rate})")
     _require(t.warmup_steps <= t.num_train_steps,
              f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
+    _require(bool(cfg.control.name.strip()), "control.name: must not be empty")
+    _require(bool(cfg.control.namespace.strip()), "control.namespace: must not be empty")
     _require(cfg.data.max_text_bytes is None or cfg.data.max_text_bytes >= 1,
              f"data.max_text_bytes: must be null or at least 1, got {cfg.data.max_text_bytes}")
     _require(cfg.data.kind != "bin" or cfg.data.path is not None,

@@ -1,54 +1,75 @@
-"""``ma-ray train``: bring up the job, run the steps, show progress, write metrics.
+"""``ma-ray train``: check the input, start the controller actor, follow it, write metrics.
 
-Everything that can be wrong with the input (config, data path, split) is checked before the
-output folder is created or any Ray actor starts, so bad input leaves nothing behind.
+Everything that can be wrong with the input (config, data path, split, resume folder) is checked
+before the output folder is created or any Ray actor starts, so bad input leaves nothing behind.
+The controller drives the steps; this process only polls its history (scalars) to draw the
+progress bar and append ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
+import ray
 from tqdm import tqdm
 
 from ma_ray.config import Config
 from ma_ray.data import build_dataset
+from ma_ray.errors import MaRayError
 from ma_ray.parallel.placement import make_plan
+from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
-from ma_ray.runtime.job import TrainingJob
+
+POLL_S = 0.5
 
 
 def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = True,
-          torch_threads: Optional[int] = None) -> dict:
-    """Train ``steps`` optimizer steps (default ``train.num_train_steps``); returns the last metrics."""
+          torch_threads: Optional[int] = None, resume: Optional[Path] = None,
+          attention_gpus: Optional[int] = None) -> dict:
+    """Train up to step ``steps`` (default ``train.num_train_steps``); returns the last metrics."""
+    from ma_ray.control.controller import Controller
+
     dataset = build_dataset(cfg)
-    make_plan(cfg)  # the split is checked before anything is written
+    start = 0
+    if resume is not None:
+        meta = checkpoint.read_meta(checkpoint.latest(resume))
+        start = meta["step"] + 1
+        attention_gpus = meta["attention_gpus"] if attention_gpus is None else attention_gpus
+    make_plan(cfg, attention_gpus)  # the split is checked before anything is written
     steps = cfg.train.num_train_steps if steps is None else steps
     if torch_threads is None and cfg.cluster.emulate:
-        torch_threads = 1  # 16 emulated GPUs share the machine's cores
+        torch_threads = 1  # the emulated GPUs share the machine's cores
+    connect(cfg.cluster, namespace=cfg.control.namespace)
+    name, namespace = cfg.control.name, cfg.control.namespace
+    try:
+        ray.get_actor(name, namespace=namespace)
+        raise MaRayError(f"a job named {name!r} is already running in namespace {namespace!r} "
+                         f"(set control.name to run another)")
+    except ValueError:
+        pass
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
-    connect(cfg.cluster)
-    job = TrainingJob(cfg, dataset, torch_threads=torch_threads)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_length
+    controller = Controller.options(name=name, namespace=namespace).remote(
+        cfg, dataset, str(out), steps, None if resume is None else str(resume), attention_gpus, torch_threads)
+    run = controller.run.remote()
     last: dict = {}
-    try:
-        with open(out / "metrics.jsonl", "a") as log, \
-                tqdm(total=steps, desc=f"train {job.plan.attention_gpus}A/{job.plan.moe_gpus}M",
-                     disable=not progress, dynamic_ncols=True) as bar:
-            for step in range(steps):
-                t0 = time.perf_counter()
-                metrics = job.step(step)
-                elapsed = time.perf_counter() - t0
-                last = {"step": step, **metrics, "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                t_attn=f"{metrics['t_attention_s'] * 1e3:.1f}ms",
-                                t_moe=f"{metrics['t_moe_s'] * 1e3:.1f}ms", refresh=False)
+    with open(out / "metrics.jsonl", "a") as log, \
+            tqdm(total=max(0, steps - start), desc="train", disable=not progress, dynamic_ncols=True) as bar:
+        done = False
+        while not done:
+            done = bool(ray.wait([run], timeout=POLL_S)[0])
+            for row in ray.get(controller.history_since.remote(last.get("step", start - 1))):
+                log.write(json.dumps(row) + "\n")
+                last = row
+                bar.set_description(f"train {row['attention_gpus']}A/{cfg.total_gpus - row['attention_gpus']}M")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                t_attn=f"{row['t_attention_s'] * 1e3:.1f}ms",
+                                t_moe=f"{row['t_moe_s'] * 1e3:.1f}ms", refresh=False)
                 bar.update()
-    finally:
-        job.shutdown()
-    return last
+            log.flush()
+    final = ray.get(run)  # raises what the run raised
+    ray.kill(controller)
+    return {**last, "state": final["state"], "migrations": final["migrations"],
+            "last_checkpoint": final["last_checkpoint"]}

@@ -353,8 +353,8 @@ def test_cli_error_in_a_subprocess_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "ma_ray.cli", "config", "--set", "unknown.key=1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "ma-ray: error: unknown: unknown key (known: balance, cluster, comm, data, " \
-                          "memory, model, moe, train)\n"
+    assert proc.stderr == "ma-ray: error: unknown: unknown key (known: balance, cluster, comm, control, " \
+                          "data, memory, model, moe, train)\n"
 
 
 # --- ma-ray config ------------------------------------------------------------------------------------

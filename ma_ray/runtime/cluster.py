@@ -27,7 +27,7 @@ class ClusterError(MaRayError, RuntimeError):
     """The Ray cluster cannot run the job; the message is one line."""
 
 
-def connect(cluster_cfg, num_cpus: Optional[int] = None) -> None:
+def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str] = None) -> None:
     """Attach to Ray: the running session if any, a new emulated node, or ``cluster.address``."""
     if ray.is_initialized():
         return
@@ -35,10 +35,10 @@ def connect(cluster_cfg, num_cpus: Optional[int] = None) -> None:
         # A private single-machine cluster: no token to share with anyone.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=cluster_cfg.num_nodes * cluster_cfg.gpus_per_node,
-                 include_dashboard=False, logging_level="warning", log_to_driver=True)
+                 include_dashboard=False, logging_level="warning", log_to_driver=True, namespace=namespace)
     else:
         try:
-            ray.init(address=cluster_cfg.address, logging_level="warning")
+            ray.init(address=cluster_cfg.address, logging_level="warning", namespace=namespace)
         except ConnectionError as exc:
             raise ClusterError(f"cannot reach a Ray cluster at cluster.address={cluster_cfg.address!r}: "
                                f"{str(exc).splitlines()[0]}") from None

@@ -2,7 +2,9 @@
 
 On GPU, compute is timed with CUDA events (the host returns before the kernels finish, so a
 host clock would measure launch time); the events are resolved once at the end of the step, so
-timing adds no synchronisation inside the step. On CPU a monotonic clock is exact.
+timing adds no synchronisation inside the step. On CPU it is the thread's CPU time: workers run
+torch single-threaded there, and emulated GPUs share a few cores, so wall time would count the
+time a worker waited for a core as its own work.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class StageTimer:
             end.record()
             self._events.append((label, start, end))
         else:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             yield
-            self._host[label] += time.perf_counter() - t0
+            self._host[label] += time.thread_time() - t0
 
     def totals(self) -> Dict[str, float]:
         """Seconds per label since the last reset (synchronises the GPU once)."""
