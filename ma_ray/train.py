@@ -51,6 +51,9 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
         pass
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
+    # Where to attach a notebook or `ma-ray status` (--address) to this job.
+    (out / "job.json").write_text(json.dumps({"address": ray.get_runtime_context().gcs_address,
+                                              "name": name, "namespace": namespace}) + "\n")
     controller = Controller.options(name=name, namespace=namespace).remote(
         cfg, dataset, str(out), steps, None if resume is None else str(resume), attention_gpus, torch_threads)
     run = controller.run.remote()

@@ -41,18 +41,22 @@ def live_job(tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     deadline = time.time() + 180
+    while not (out / "job.json").is_file():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.5)
+    address = json.loads((out / "job.json").read_text())["address"]
     client = None
     while client is None:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "the job's controller did not come up"
         try:
-            client = ma_ray.connect(namespace=namespace, address="auto")
-            while client.status()["step"] < 1:
-                time.sleep(0.5)
-        except (ma_ray.control.client.ControllerNotFound, ConnectionError):
-            client = None
+            client = ma_ray.connect(namespace=namespace, address=address)
+        except ma_ray.control.client.ControllerNotFound:
             time.sleep(1)
-    address = ray.get_runtime_context().gcs_address
+    while client.status()["step"] < 1:
+        assert time.time() < deadline, "the job did not train"
+        time.sleep(0.5)
     yield {"client": client, "proc": proc, "out": out, "namespace": namespace, "address": address,
            "env": {**env, "RAY_ADDRESS": address}}
     if proc.poll() is None:
