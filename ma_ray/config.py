@@ -400,12 +400,13 @@ def validate(cfg: Config) -> None:
              "data.path: required when data.kind is bin")
 
 
-def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs") -> None:
-    """Raise ConfigError unless ``attention_gpus`` is within the policy range and the topology holds it."""
+def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs", within_policy: bool = True) -> None:
+    """Raise ConfigError unless the topology and model hold ``attention_gpus`` and (``within_policy``)
+    it is within [balance.min_attention_gpus, balance.max_attention_gpus]."""
     b, m, moe = cfg.balance, cfg.model, cfg.moe
     total = cfg.total_gpus
     moe_gpus = total - attention_gpus
-    _require(b.min_attention_gpus <= attention_gpus <= b.max_attention_gpus,
+    _require(not within_policy or b.min_attention_gpus <= attention_gpus <= b.max_attention_gpus,
              f"{key}: {attention_gpus} is outside [balance.min_attention_gpus, balance.max_attention_gpus] "
              f"= [{b.min_attention_gpus}, {b.max_attention_gpus}]")
     _require(attention_gpus >= 1, f"{key}: must be at least 1, got {attention_gpus}")

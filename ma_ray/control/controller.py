@@ -193,10 +193,7 @@ class Controller:
             if not p.min_attention_gpus <= attention_gpus <= p.max_attention_gpus:
                 raise ConfigError(f"rebalance: {attention_gpus} is outside the policy's range "
                                   f"[{p.min_attention_gpus}, {p.max_attention_gpus}] of attention GPUs")
-        # What the topology and the model can hold, whatever the policy's range.
-        check_split(self.cfg.replace(**{"balance.min_attention_gpus": 1,
-                                        "balance.max_attention_gpus": self.cfg.total_gpus}),
-                    attention_gpus, key="rebalance")
+        check_split(self.cfg, attention_gpus, key="rebalance", within_policy=False)
         with self.lock:
             self.pending_split = attention_gpus
         return {"scheduled": attention_gpus, "after_step": self.step}

@@ -190,13 +190,13 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     return Plan(num_nodes, gpus_per_node, num_heads, num_experts, tuple(gpus))
 
 
-def make_plan(cfg: Config, attention_gpus: Optional[int] = None) -> Plan:
+def make_plan(cfg: Config, attention_gpus: Optional[int] = None, within_policy: bool = True) -> Plan:
     """The plan for ``cfg`` with ``attention_gpus`` (default ``cfg.cluster.attention_gpus``).
 
     Raises ConfigError (one line) when the split is outside the balancing range or the topology
     and model cannot hold it.
     """
     k = cfg.cluster.attention_gpus if attention_gpus is None else attention_gpus
-    check_split(cfg, k)
+    check_split(cfg, k, within_policy=within_policy)
     c = cfg.cluster
     return place(c.num_nodes, c.gpus_per_node, k, cfg.model.num_attention_heads, cfg.moe.num_experts)

@@ -58,7 +58,8 @@ class TrainingJob:
         from their old to their new owners (worker to worker), GPUs whose role changes become
         workers of the other pool, and the collective groups are rebuilt. Returns what moved and
         the pause it cost."""
-        new_plan = make_plan(self.cfg, attention_gpus)
+        # The policy's range may have been changed at run time; the caller checked it.
+        new_plan = make_plan(self.cfg, attention_gpus, within_policy=False)
         t0 = time.perf_counter()
         diff = diff_plans(self.plan, new_plan)
         if diff.is_empty:
