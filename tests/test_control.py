@@ -527,7 +527,7 @@ def test_a_load_shift_reaches_the_right_split_within_two_decisions(cfg, in_fligh
                                                (4, "step")])
 def test_noise_around_balance_moves_nothing(in_flight, trigger):
     cfg = pipelined(PAPER, in_flight)
-    if in_flight == 1:  # a truth whose best split for the sum of the stages is 12, 1% apart
+    if in_flight == 1:  # a truth whose best split for the sum of the stages is 12 (by 3%)
         truth = Truth(cfg, attention=(0.05, 0.35, 0.6, 0.0), moe=(0.5, 0.02, 0.48, 0.0))
     else:
         truth = Truth(cfg)

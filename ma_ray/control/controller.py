@@ -132,15 +132,16 @@ class Controller:
 
     def _after_step(self, step: int, metrics: dict) -> None:
         k = self.job.plan.attention_gpus
-        # Predicted before this step is learnt from: the error on steps the model did not fit.
-        seen = self.predictor.observe_metrics(metrics, step=step)
-        row = {"step": step, **metrics, "predicted_t_attention_s": seen.predicted_attention_s,
-               "predicted_t_moe_s": seen.predicted_moe_s}
+        row = {"step": step, **metrics}
+        if metrics["t_attention_s"] > 0 and metrics["t_moe_s"] > 0:  # a pool that timed nothing teaches nothing
+            # Predicted before this step is learnt from: the error on steps the model did not fit.
+            seen = self.predictor.observe_metrics(metrics, step=step)
+            row.update(predicted_t_attention_s=seen.predicted_attention_s, predicted_t_moe_s=seen.predicted_moe_s)
         self.window.append((metrics["t_attention_s"], metrics["t_moe_s"]))
         with self.lock:
             decision = self.policy.decide(step + 1, k, self.predictor, measured=_mean(self.window),
                                           migration_cost=self.migration_cost.estimate)
-        if decision.reason != "not_due":
+        if decision.reason not in ("not_due", "disabled"):
             self.window.clear()
             row["decision"] = decision.to_dict()
         with self.lock:

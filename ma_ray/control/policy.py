@@ -14,8 +14,12 @@ optimizer steps completed so far), or whenever the caller passes ``force=True``:
    machine-wide shift (``predictor.settled_steps``): no decision on a model that does not yet
    describe the cluster as it is -- acting mid-shift would move on half the shift, and the rest,
    measured at the new split, would be learnt as a property of that split.
-5. ``balanced``   measured imbalance ``|T_a - T_m| / max(T_a, T_m)`` at most
-   ``imbalance_threshold``: no move.
+5. ``balanced``   imbalance ``|T_a - T_m| / max(T_a, T_m)`` at the current split at most
+   ``imbalance_threshold``: no move. ``T_a, T_m`` are the predictor's estimate there (the
+   default: measured steps, smoothed, and re-levelled at once on a shift) or what the caller
+   passes as ``measured`` (then pass the mean since the last decision, not one step: a single
+   noisy step pokes over the threshold now and then, and although the gain test below vetoes
+   most such triggers, with ``p`` = 1 it may let the prior's guess move the cluster).
 6. Otherwise every split ``k`` in [min, max] that the topology holds is scored with the
    predictor's stage times:
 
@@ -218,9 +222,9 @@ class BalancingPolicy:
 
         ``predictor``: a ``StageTimePredictor`` (or anything with ``predict(k)``, ``splits()``,
         ``settled_steps(k)`` and ``workload.stages_per_step`` / ``.micro_batches_in_flight``)
-        that has observed the steps so far. ``measured``: (T_a, T_m) at the current split that
-        the imbalance trigger uses -- best the mean over the steps since the last decision; None
-        takes the predictor's current estimate. ``migration_cost``: seconds, or
+        that has observed the steps so far. ``measured``: (T_a, T_m) at the current split for
+        the imbalance trigger; None (recommended) takes the predictor's estimate, otherwise pass
+        the mean over the steps since the last decision. ``migration_cost``: seconds, or
         ``f(old_k, new_k) -> seconds`` (e.g. a ``MigrationCostModel``); None = free.
         """
         self._track(step, current_k)
