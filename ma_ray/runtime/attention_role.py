@@ -142,7 +142,7 @@ class AttentionRole(Role):
 
     def dispatch(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
-        blocks, sends = self._split_by_worker(st["rows"], st["per_expert"])
+        blocks, sends = self._split_by_worker(st["rows"], st["per_expert"]), []
         for (dst, experts), block in zip(self.moe_workers, blocks):
             counts = st["per_expert"][experts].to(torch.int64)
             sends.append(self.links.isend(counts, dst))
@@ -152,13 +152,7 @@ class AttentionRole(Role):
 
     def combine(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
-        hidden = self.cfg.model.hidden_size
-        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
-        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
-        with self.timer.measure("wait_moe"):
-            for h in handles + st.pop("sends"):
-                h.wait()
-        out = _leaf(torch.cat(bufs))
+        out = _leaf(self._receive_from_moe(st))
         x1, topk_prob = _leaf(st["x1"]), _leaf(st["topk_prob"])
         with self.timer.measure("attention"), self._autocast():
             y = D.combine(self.hi - self.lo, out, st["order"], topk_prob, self.top_k)
@@ -181,23 +175,17 @@ class AttentionRole(Role):
         with self.timer.measure("attention"):
             torch.autograd.backward(c["x2"], self.x.pop((mb, layer + 1)).grad)
         st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
-        blocks, sends = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
-        for (dst, _), block in zip(self.moe_workers, blocks):
-            sends.append(self.links.isend(block.to(self.wire_dtype).contiguous(), dst))
-        st["sends"] = sends
+        blocks = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
+        st["sends"] = [self.links.isend(block.to(self.wire_dtype).contiguous(), dst)
+                       for (dst, _), block in zip(self.moe_workers, blocks)]
 
     def dispatch_bwd(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
-        hidden = self.cfg.model.hidden_size
-        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
-        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
-        with self.timer.measure("wait_moe"):
-            for h in handles + st.pop("sends"):
-                h.wait()
+        grad_rows = self._receive_from_moe(st)
         with self.timer.measure("attention"):
             torch.autograd.backward(
                 [st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
-                [st["x1_grad"], st["topk_prob_grad"], torch.cat(bufs).to(st["rows"].dtype),
+                [st["x1_grad"], st["topk_prob_grad"], grad_rows.to(st["rows"].dtype),
                  torch.ones_like(st["router_loss"])])
 
     def attn_bwd(self, mb: int, layer: int) -> None:
@@ -218,4 +206,15 @@ class AttentionRole(Role):
     def _split_by_worker(self, rows: torch.Tensor, per_expert: torch.Tensor):
         """Rows sorted by expert -> one contiguous block per MoE worker (its expert range)."""
         sizes = [int(per_expert[experts].sum()) for _, experts in self.moe_workers]
-        return list(torch.split(rows, sizes)), []
+        return list(torch.split(rows, sizes))
+
+    def _receive_from_moe(self, st) -> torch.Tensor:
+        """Every MoE worker's block for this (micro-batch, layer), in dispatch order; also waits
+        for the sends this exchange answers, whose buffers can go once it has arrived."""
+        hidden = self.cfg.model.hidden_size
+        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
+        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
+        with self.timer.measure("wait_moe"):
+            for h in handles + st.pop("sends"):
+                h.wait()
+        return torch.cat(bufs)
