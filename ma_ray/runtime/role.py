@@ -40,7 +40,8 @@ class Role:
         self.module.to(device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
         self.timer = StageTimer(device)
-        self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps)
+        self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps,
+                                     cfg.comm.micro_batches_in_flight)
         bf16 = cfg.train.mixed_precision == "bf16"
         self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         # Activations and their gradients cross between the pools in this dtype.

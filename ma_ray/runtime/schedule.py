@@ -15,6 +15,14 @@ Attention worker, per micro-batch:
   attn_bwd; embed_bwd.
 MoE worker, per micro-batch: per layer: expert_recv, expert_fwd, expert_send; per layer in
 reverse: expert_grad_recv, expert_bwd, expert_grad_send.
+
+Micro-batches in flight (``comm.micro_batches_in_flight`` = k): the micro-batches of a step go in
+groups of k. Within a group, each micro-batch's list above is cut before every op that waits
+for the MoE pool (combine, dispatch_bwd), and the pieces are taken round-robin: micro-batch 1's
+attention runs while the MoE pool computes micro-batch 0's experts, and the other way round.
+The MoE worker serves requests in the order the attention workers send them (a dispatch or a
+combine_bwd each), so sends and receives still pair up in order. Every parameter still receives
+its micro-batches' gradients in micro-batch order, so the sums are the same as with k = 1.
 """
 
 from __future__ import annotations
@@ -30,28 +38,50 @@ class Op(NamedTuple):
     layer: int = -1
 
 
-def attention_schedule(num_layers: int, micro_batches: int) -> List[Op]:
-    ops: List[Op] = []
-    for mb in range(micro_batches):
-        ops.append(Op("embed", mb))
-        for layer in range(num_layers):
-            ops += [Op("attn_fwd", mb, layer), Op("dispatch", mb, layer), Op("combine", mb, layer)]
-        ops.append(Op("head", mb))
-        for layer in reversed(range(num_layers)):
-            ops += [Op("combine_bwd", mb, layer), Op("dispatch_bwd", mb, layer), Op("attn_bwd", mb, layer)]
-        ops.append(Op("embed_bwd", mb))
+# Attention ops that wait for the MoE pool, and the MoE ops that serve each attention request.
+_WAITS_FOR_MOE = ("combine", "dispatch_bwd")
+_SERVED_BY = {"dispatch": ("expert_recv", "expert_fwd", "expert_send"),
+              "combine_bwd": ("expert_grad_recv", "expert_bwd", "expert_grad_send")}
+
+
+def _micro_batch_ops(num_layers: int, mb: int) -> List[Op]:
+    ops = [Op("embed", mb)]
+    for layer in range(num_layers):
+        ops += [Op("attn_fwd", mb, layer), Op("dispatch", mb, layer), Op("combine", mb, layer)]
+    ops.append(Op("head", mb))
+    for layer in reversed(range(num_layers)):
+        ops += [Op("combine_bwd", mb, layer), Op("dispatch_bwd", mb, layer), Op("attn_bwd", mb, layer)]
+    ops.append(Op("embed_bwd", mb))
     return ops
 
 
-def moe_schedule(num_layers: int, micro_batches: int) -> List[Op]:
+def _pieces(ops: List[Op]) -> List[List[Op]]:
+    """``ops`` cut before every op that waits for the MoE pool."""
+    pieces: List[List[Op]] = [[]]
+    for op in ops:
+        if op.kind in _WAITS_FOR_MOE:
+            pieces.append([])
+        pieces[-1].append(op)
+    return pieces
+
+
+def attention_schedule(num_layers: int, micro_batches: int, in_flight: int = 1) -> List[Op]:
     ops: List[Op] = []
-    for mb in range(micro_batches):
-        for layer in range(num_layers):
-            ops += [Op("expert_recv", mb, layer), Op("expert_fwd", mb, layer), Op("expert_send", mb, layer)]
-        for layer in reversed(range(num_layers)):
-            ops += [Op("expert_grad_recv", mb, layer), Op("expert_bwd", mb, layer), Op("expert_grad_send", mb, layer)]
+    for first in range(0, micro_batches, in_flight):
+        group = [_pieces(_micro_batch_ops(num_layers, mb))
+                 for mb in range(first, min(first + in_flight, micro_batches))]
+        for i in range(len(group[0])):
+            for pieces in group:
+                ops += pieces[i]
     return ops
 
 
-def schedule_for(role: str, num_layers: int, micro_batches: int) -> List[Op]:
-    return attention_schedule(num_layers, micro_batches) if role == ATTENTION else moe_schedule(num_layers, micro_batches)
+def moe_schedule(num_layers: int, micro_batches: int, in_flight: int = 1) -> List[Op]:
+    return [Op(kind, op.micro, op.layer)
+            for op in attention_schedule(num_layers, micro_batches, in_flight) if op.kind in _SERVED_BY
+            for kind in _SERVED_BY[op.kind]]
+
+
+def schedule_for(role: str, num_layers: int, micro_batches: int, in_flight: int = 1) -> List[Op]:
+    build = attention_schedule if role == ATTENTION else moe_schedule
+    return build(num_layers, micro_batches, max(1, in_flight))
