@@ -214,7 +214,7 @@ class AttentionRole(Role):
         hidden = self.cfg.model.hidden_size
         bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
         handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
-        with self.timer.measure("wait_moe"):
+        with self.timer.wait("wait_moe"):
             for h in handles + st.pop("sends"):
                 h.wait()
         return torch.cat(bufs)

@@ -51,12 +51,12 @@ class MoERole(Role):
     def expert_recv(self, mb: int, layer: int) -> None:
         counts = [torch.empty(self.num_local, dtype=torch.int64, device=self.device) for _ in self.sources]
         handles = [self.links.irecv(c, src) for c, src in zip(counts, self.sources)]
-        with self.timer.measure("wait_attention"):
+        with self.timer.wait("wait_attention"):
             for h in handles:
                 h.wait()
         rows = [torch.empty(int(c.sum()), self.hidden, dtype=self.wire_dtype, device=self.device) for c in counts]
         handles = [self.links.irecv(r, src) for r, src in zip(rows, self.sources)]
-        with self.timer.measure("wait_attention"):
+        with self.timer.wait("wait_attention"):
             for h in handles:
                 h.wait()
         # Expert-major order over all sources: a stable sort of the rows by local expert index.
@@ -85,7 +85,7 @@ class MoERole(Role):
         st = self.state[mb, layer]
         bufs = [torch.empty(n, self.hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
         handles = [self.links.irecv(b, src) for b, src in zip(bufs, self.sources)]
-        with self.timer.measure("wait_attention"):
+        with self.timer.wait("wait_attention"):
             for h in handles + st.pop("sends"):
                 h.wait()
         st["grad_out"] = torch.cat(bufs).index_select(0, st["perm"]).to(st["out"].dtype)
@@ -98,7 +98,7 @@ class MoERole(Role):
     def expert_grad_send(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer))
         sends = self._send_back(grad_of(st["inp"]), st)
-        with self.timer.measure("wait_attention"):
+        with self.timer.wait("wait_attention"):
             for h in sends:
                 h.wait()
 

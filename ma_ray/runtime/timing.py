@@ -4,7 +4,8 @@ On GPU, compute is timed with CUDA events (the host returns before the kernels f
 host clock would measure launch time); the events are resolved once at the end of the step, so
 timing adds no synchronisation inside the step. On CPU it is the thread's CPU time: workers run
 torch single-threaded there, and emulated GPUs share a few cores, so wall time would count the
-time a worker waited for a core as its own work.
+time a worker waited for a core as its own work. Waits on transfers (``wait``) are wall time on
+both: a blocked wait uses no CPU, and what it costs the step is the time it takes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class StageTimer:
             t0 = time.thread_time()
             yield
             self._host[label] += time.thread_time() - t0
+
+    @contextmanager
+    def wait(self, label: str):
+        t0 = time.perf_counter()
+        yield
+        self._host[label] += time.perf_counter() - t0
 
     def totals(self) -> Dict[str, float]:
         """Seconds per label since the last reset (synchronises the GPU once)."""
