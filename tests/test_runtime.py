@@ -61,7 +61,10 @@ def test_local_preset_matches_reference():
     dict(k=2, over={"moe.top_k": 2, "moe.capacity_factor": 0.75}),
     # 5 attention GPUs (2,1,1,1,1 heads) and a single MoE GPU holding every expert; no drops.
     dict(k=5, over={"moe.top_k": 2, "moe.capacity_factor": 4.0, "moe.norm_topk_prob": True}),
-], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu"])
+    # 3 attention GPUs, 3 micro-batches of which 2 are in flight at once (groups of 2 and 1).
+    dict(k=3, over={"comm.micro_batches_in_flight": 2, "train.batch_size": 9,
+                    "train.gradient_accumulation_steps": 3, "moe.capacity_factor": 0.75}),
+], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu", "k3-two-in-flight"])
 def test_uneven_splits_match_reference(case):
     cfg = small(**case["over"])
     report = verify(cfg, attention_gpus=case["k"], steps=2)
