@@ -277,7 +277,7 @@ def print_breakdown(plan, labels, med_dist: float) -> None:
             print(f"  {title} gpu{g.gpu}: {line}; sum {sum(plain.values()):.3f}")
             ops = {k[3:]: v for k, v in mine.items() if k.startswith("op:")}
             if ops:
-                print(f"      wall per op kind: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                print("      wall per op kind: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                            sorted(ops.items(), key=lambda kv: -kv[1]))
                       + f"; step wall {mine['step_wall']:.3f}, process CPU {mine['step_cpu']:.3f}")
 

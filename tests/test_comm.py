@@ -121,7 +121,7 @@ def test_overlapping_groups_reduce_independently(peers):
 
 def test_send_recv_broadcast_use_group_ranks(peers):
     def exchange(index):
-        from ma_ray.comm import barrier, broadcast, irecv, isend, rank, recv, send
+        from ma_ray.comm import barrier, broadcast, irecv, isend, recv, send
 
         got = {}
         # B: rank 0 is actor 3, rank 1 is actor 2.

@@ -103,7 +103,7 @@ class TrainingJob:
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
         """Every global tensor once: replicated attention-side tensors from attention rank 0."""
         out: Dict[str, torch.Tensor] = {}
-        for g, part in zip(self.plan.gpus, ray.get([w.export.remote(which, key) for w in self._by_gpu()])):
+        for part in ray.get([w.export.remote(which, key) for w in self._by_gpu()]):
             for name, tensor in part.items():
                 if name not in out:
                     out[name] = tensor
