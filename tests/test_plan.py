@@ -252,7 +252,7 @@ def test_precision_accounting():
 
 
 def test_capacity_matches_the_router():
-    router = pytest.importorskip("ma_ray.model.router")
+    from ma_ray.model import router
     for overrides in ({}, {"moe.capacity_factor": 1.25}, {"moe.top_k": 1}, {"moe.expert_capacity": 2048}):
         cfg = Config().replace(**overrides)
         tokens = cfg.train.micro_batch_size * cfg.train.seq_length
@@ -332,7 +332,7 @@ def local_cfg():
 
 
 def test_attention_shard_matches_formula(local_cfg):
-    attention = pytest.importorskip("ma_ray.model.attention")
+    from ma_ray.model import attention
     plan = make_plan(local_cfg)
     for g in plan.attention_workers():
         shard = attention.AttentionShard(local_cfg.model, list(g.heads))
@@ -340,20 +340,20 @@ def test_attention_shard_matches_formula(local_cfg):
 
 
 def test_expert_group_matches_formula(local_cfg):
-    experts = pytest.importorskip("ma_ray.model.experts")
+    from ma_ray.model import experts
     for n in (1, 3, 4):
         group = experts.ExpertGroup(local_cfg.model, list(range(n)))
         assert count(group) == n * M.expert_params(local_cfg.model)
 
 
 def test_attention_side_matches_formula(local_cfg):
-    side = pytest.importorskip("ma_ray.model.attention_side")
+    from ma_ray.model import attention_side as side
     assert count(side.AttentionSideParams(local_cfg)) == M.attention_replicated_params(local_cfg)
 
 
 @pytest.mark.parametrize("k", [8, 12, 14])
 def test_reference_model_matches_the_sum_of_the_shards(local_cfg, k):
-    reference = pytest.importorskip("ma_ray.model.reference")
+    from ma_ray.model import reference
     model = reference.MoETransformer(local_cfg)
     assert count(model) == M.model_params(local_cfg)
     plan = make_plan(local_cfg, k)
