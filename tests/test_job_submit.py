@@ -41,7 +41,6 @@ START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
 
 
-
 def _free_ports(n: int) -> list:
     socks = []
     try:
