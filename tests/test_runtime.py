@@ -64,7 +64,10 @@ def test_local_preset_matches_reference():
     # 3 attention GPUs, 3 micro-batches of which 2 are in flight at once (groups of 2 and 1).
     dict(k=3, over={"comm.micro_batches_in_flight": 2, "train.batch_size": 9,
                     "train.gradient_accumulation_steps": 3, "moe.capacity_factor": 0.75}),
-], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu", "k3-two-in-flight"])
+    # One token per step routed top-1: one of the two MoE GPUs receives nothing at all.
+    dict(k=4, over={"moe.top_k": 1, "train.seq_length": 1, "train.micro_batch_size": 1,
+                    "train.batch_size": 1, "train.gradient_accumulation_steps": 1}),
+], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu", "k3-two-in-flight", "k4-idle-moe-gpu"])
 def test_uneven_splits_match_reference(case):
     cfg = small(**case["over"])
     report = verify(cfg, attention_gpus=case["k"], steps=2)

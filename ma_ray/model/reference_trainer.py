@@ -2,7 +2,8 @@
 and the baseline of ``bench/step_overhead.py``.
 
 Same rules as the workers: mean loss over the step's micro-batches (gradient accumulation),
-global-norm clipping, AdamW with the warm-up + decay schedule, decay chosen by global name.
+global-norm clipping, AdamW with the warm-up + decay schedule, decay chosen by global name, and
+every parameter stepped every step (zero gradient where no token reached an expert).
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class ReferenceTrainer:
             (parts.total / n).backward()
             for k, v in parts.detached().items():
                 totals[k] += v / n
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # Every parameter takes an AdamW step every step, as stacked expert weights in a layout
+        # must: an expert no token reached gets a zero gradient (and its weight decay), not a skip.
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.model.parameters()]
         norm = float(torch.nn.utils.get_total_norm(grads))
         coef = clip_coefficient(norm, self.cfg.train.gradient_clipping)
         if coef < 1.0:

@@ -59,6 +59,9 @@ class Role:
         for op in self.schedule:
             getattr(self, op.kind)(op.micro, op.layer)
         metrics = self.end_micro_batches()
+        for p in self.module.parameters():
+            if p.grad is None:  # no row reached this worker's experts yet: their gradient is zero
+                p.grad = torch.zeros_like(p)
         with self.timer.measure("grad_sync"):
             self.synchronize_gradients()
         norm = self._global_grad_norm()
