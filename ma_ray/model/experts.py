@@ -38,5 +38,6 @@ class ExpertGroup(nn.Module):
             inner = F.gelu(F.linear(chunk, self.fc1_weight[i], self.fc1_bias[i]))
             outs.append(F.linear(inner, self.fc2_weight[i], self.fc2_bias[i]))
         if not outs:
+            # Still a function of the parameters, so a backward over it runs (and does nothing).
             return rows.new_zeros(rows.shape) + 0.0 * self.fc2_bias.sum()
         return torch.cat(outs)

@@ -8,7 +8,7 @@ every parameter stepped every step (zero gradient where no token reached an expe
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -55,6 +55,3 @@ class ReferenceTrainer:
 
     def gradients_by_name(self) -> Dict[str, torch.Tensor]:
         return export_global(self.model, self.slices, "grad")
-
-    def names(self) -> List[str]:
-        return [s.name for s in self.slices]

@@ -15,8 +15,9 @@ import torch
 from ma_ray.model.attention_side import AttentionSideParams
 from ma_ray.runtime.attention_role import AttentionStack
 from ma_ray.runtime.moe_role import ExpertStack
+from ma_ray.runtime.role import MOMENTS
 
-TENSOR_KEYS = ("params", "exp_avg", "exp_avg_sq")
+TENSOR_KEYS = ("params", *MOMENTS)
 
 
 def names_of(cfg, assignment) -> Set[str]:

@@ -15,6 +15,12 @@ from typing import Dict, List, Optional, Sequence
 import ray
 import torch
 
+from ma_ray.comm.cpu_backend import ensure_registered
+from ma_ray.runtime.attention_role import AttentionRole
+from ma_ray.runtime.links import Links, worker_name
+from ma_ray.runtime.migration import merge, names_of, owned_state, payload_bytes, restrict
+from ma_ray.runtime.moe_role import MoERole
+
 
 @ray.remote
 class Worker:
@@ -32,12 +38,6 @@ class Worker:
         """Be the worker of ``plan`` at ``slot`` (node, local GPU): join the plan's groups, build
         the role, and load its state from ``state_parts`` (references to payloads cut for this
         slot by ``export_for``) or from a checkpoint folder; with neither, start from the seed."""
-        from ma_ray.comm.cpu_backend import ensure_registered
-        from ma_ray.runtime.attention_role import AttentionRole
-        from ma_ray.runtime.links import Links
-        from ma_ray.runtime.migration import merge
-        from ma_ray.runtime.moe_role import MoERole
-
         state = merge(ray.get(list(state_parts))) if state_parts else None
         if checkpoint is not None:
             state = _read_checkpoint(checkpoint)
@@ -52,14 +52,12 @@ class Worker:
         else:
             self.role = MoERole(cfg, plan, me, self.links, self.device)
         if state is not None:
-            from ma_ray.runtime.migration import names_of, restrict
             self.role.load_state(restrict(state, names_of(cfg, me)))
         return {"gpu": me.gpu, "role": me.role, "device": str(self.device),
                 "ray_gpu_ids": ray.get_gpu_ids(), "node_ip": ray.util.get_node_ip_address()}
 
     def export_for(self, new_plan, slots: List) -> tuple:
         """This worker's state cut for each slot of ``new_plan`` (one return value per slot)."""
-        from ma_ray.runtime.migration import names_of, owned_state, restrict
 
         mine = owned_state(self.cfg, self.role.me, self.role.export_state())
         return tuple(restrict(mine, names_of(self.cfg, new_plan.at_slot(slot))) for slot in slots)
@@ -72,8 +70,6 @@ class Worker:
 
     def save_shard(self, folder: str) -> int:
         """Write the state this worker is the single source of into ``folder``; returns bytes."""
-        from ma_ray.runtime.links import worker_name
-        from ma_ray.runtime.migration import owned_state, payload_bytes
 
         me = self.role.me
         state = owned_state(self.cfg, me, self.role.export_state())
@@ -90,7 +86,5 @@ class Worker:
 
 
 def _read_checkpoint(folder: str) -> dict:
-    from ma_ray.runtime.migration import merge
-
     shards = sorted(Path(folder).glob("*.pt"))
     return merge([torch.load(p, map_location="cpu", weights_only=True) for p in shards])
