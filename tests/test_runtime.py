@@ -124,3 +124,12 @@ def test_dead_worker_fails_the_step_with_a_named_error():
     assert f"node{victim.node}-gpu{victim.local_gpu} (moe): ActorDiedError" in text, text
     # The attention workers name the transfer with the dead worker that broke.
     assert "CommError" in text and ("recv" in text or "send" in text), text
+
+
+def test_rebalance_across_role_changes_matches_reference():
+    # 4 -> 2 attention GPUs (two GPUs become MoE workers), then 2 -> 5 (three become attention).
+    report = verify(small(**{"moe.capacity_factor": 0.75}), attention_gpus=4, steps=4, rebalances={1: 2, 3: 5})
+    assert_verified(report)
+    moves = [(m["before_step"], m["attention_gpus"], m["role_changes"]) for m in report["migrations"]]
+    assert moves == [(1, 2, 2), (3, 5, 3)]
+    assert all(m["pause_s"] > 0 and m["moved_heads"] > 0 and m["moved_experts"] > 0 for m in report["migrations"])
