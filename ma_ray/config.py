@@ -145,6 +145,27 @@ class MemoryConfig:
 
 
 @dataclass
+class EmulationConfig:
+    # On: every stage's arithmetic is replaced by a wait of its predicted duration at the shapes
+    # configured above (``parallel.emulation``), while small stand-in tensors of the wire_* shapes
+    # run the real model code and travel through the real collectives.
+    enabled: bool = False
+    # YAML with attn_time_coef and moe_time_coef (the seed's formula form, seconds); null = the
+    # balance section's coefficients.
+    calibration_file: Optional[str] = None
+    # Link bandwidths a transfer's wait is computed from, GB/s per direction: NVLink 4 on an
+    # H100/H200 SXM node (900 GB/s both ways) and one 400 Gb/s NDR InfiniBand port per GPU.
+    intra_node_gb_per_s: float = 450.0
+    inter_node_gb_per_s: float = 50.0
+    # Shapes of the stand-in tensors (the model's head and expert counts are kept).
+    wire_head_size: int = 2
+    wire_intermediate_size: int = 8
+    wire_seq_length: int = 64
+    wire_micro_batch_size: int = 2
+    wire_vocab_size: int = 256
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -155,6 +176,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    emulation: EmulationConfig = field(default_factory=EmulationConfig)
 
     @property
     def total_gpus(self) -> int:
@@ -335,6 +357,11 @@ def validate(cfg: Config) -> None:
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("train.checkpoint_interval", t.checkpoint_interval),
+        ("emulation.wire_head_size", cfg.emulation.wire_head_size),
+        ("emulation.wire_intermediate_size", cfg.emulation.wire_intermediate_size),
+        ("emulation.wire_seq_length", cfg.emulation.wire_seq_length),
+        ("emulation.wire_micro_batch_size", cfg.emulation.wire_micro_batch_size),
+        ("emulation.wire_vocab_size", cfg.emulation.wire_vocab_size),
     ]:
         _require(value >= 1, f"{path}: must be at least 1, got {value}")
 
@@ -362,6 +389,9 @@ def validate(cfg: Config) -> None:
              f"comm.sparsification_ratio: must be in (0, 1], got {comm.sparsification_ratio}")
     _require(0.0 < comm.overlap_efficiency_target <= 1.0,
              f"comm.overlap_efficiency_target: must be in (0, 1], got {comm.overlap_efficiency_target}")
+    for path, value in [("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
+                        ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s)]:
+        _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
     _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")
     _require(len(b.moe_time_coef) == 3, f"balance.moe_time_coef: needs 3 coefficients, got {len(b.moe_time_coef)}")
 

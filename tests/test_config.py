@@ -151,6 +151,8 @@ AT_LEAST_ONE = [
     "comm.max_concurrent_communications", "comm.communication_chunk_size", "comm.micro_batches_in_flight",
     "comm.synchronization_timeout_ms", "comm.quantization_bits", "train.batch_size", "train.seq_length",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.checkpoint_interval",
+    "emulation.wire_head_size", "emulation.wire_intermediate_size", "emulation.wire_seq_length",
+    "emulation.wire_micro_batch_size", "emulation.wire_vocab_size",
 ]
 
 
@@ -308,6 +310,16 @@ def test_every_range_rule_has_a_test():
     assert listed["value >= 1"] == set(AT_LEAST_ONE)
     assert listed["value >= 0 and math.isfinite(value)"] == set(NOT_NEGATIVE)
     assert listed["0.0 <= value < 1.0"] == set(PROBABILITIES)
+    assert listed["value > 0 and math.isfinite(value)"] == set(BANDWIDTHS)
+
+
+BANDWIDTHS = ["emulation.intra_node_gb_per_s", "emulation.inter_node_gb_per_s"]
+
+
+@pytest.mark.parametrize("key", BANDWIDTHS)
+@pytest.mark.parametrize("value", ["0", "-1", ".inf"])
+def test_bandwidths_are_positive(key, value):
+    assert f"{key}: must be a positive bandwidth" in error_of([f"{key}={value}"])
 
 
 def test_bin_data_needs_a_path():

@@ -24,7 +24,7 @@ from ma_ray.control.policy import (BALANCED, DISABLED, MOVE, NO_GAIN, NOT_DUE, O
                                    BalancingPolicy, PolicyParams, step_time_s)
 from ma_ray.control.predictor import PredictorSettings, StagePrediction, StageTimePredictor
 from ma_ray.control.regression import KeyedBayesLinear
-from ma_ray.control.workload import Workload
+from ma_ray.parallel.workload import Workload
 from ma_ray.parallel import make_plan, predict_stage_times
 
 PAPER = Config()

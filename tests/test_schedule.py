@@ -27,9 +27,9 @@ def sequential_moe(layers, micro):
     ops = []
     for mb in range(micro):
         for l in range(layers):
-            ops += [Op("expert_recv", mb, l), Op("expert_fwd", mb, l), Op("expert_send", mb, l)]
+            ops += [Op("expert_recv", mb, l), Op("expert_fwd", mb, l)]
         for l in reversed(range(layers)):
-            ops += [Op("expert_grad_recv", mb, l), Op("expert_bwd", mb, l), Op("expert_grad_send", mb, l)]
+            ops += [Op("expert_bwd", mb, l)]
     return ops
 
 
@@ -47,9 +47,8 @@ def test_two_in_flight_alternate_around_the_moe_pool():
                         ("combine", 0, 0), ("attn_fwd", 0, 1), ("dispatch", 0, 1),
                         ("combine", 1, 0), ("attn_fwd", 1, 1), ("dispatch", 1, 1),
                         ("combine", 0, 1)]
-    assert [(o.kind, o.micro, o.layer) for o in moe_schedule(2, 2, 2)][:6] == [
-        ("expert_recv", 0, 0), ("expert_fwd", 0, 0), ("expert_send", 0, 0),
-        ("expert_recv", 1, 0), ("expert_fwd", 1, 0), ("expert_send", 1, 0)]
+    assert [(o.kind, o.micro, o.layer) for o in moe_schedule(2, 2, 2)][:4] == [
+        ("expert_recv", 0, 0), ("expert_fwd", 0, 0), ("expert_recv", 1, 0), ("expert_fwd", 1, 0)]
 
 
 @pytest.mark.parametrize("layers, micro, in_flight", list(itertools.product([1, 3], [1, 2, 5], [1, 2, 3, 8])))
@@ -67,7 +66,7 @@ def test_any_in_flight_keeps_every_rule_the_runtime_relies_on(layers, micro, in_
     waits = [(o.kind, o.micro, o.layer) for o in att if o.kind in REQUESTS.values()]
     assert [(REQUESTS[k], m, l) for k, m, l in requests] == waits
     served = [(o.micro, o.layer, "fwd" if o.kind == "expert_recv" else "bwd")
-              for o in moe if o.kind in ("expert_recv", "expert_grad_recv")]
+              for o in moe if o.kind in ("expert_recv", "expert_bwd")]
     assert served == [(m, l, "fwd" if k == "dispatch" else "bwd") for k, m, l in requests]
     # Gradient sums: every op kind of a layer (one accumulation per parameter) meets the
     # micro-batches in increasing order, as with one micro-batch at a time.

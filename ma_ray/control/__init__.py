@@ -6,7 +6,7 @@ change of split costs) and ``policy`` (when to move GPUs between the pools, and 
 from ma_ray.control.migration_cost import MigrationCostModel
 from ma_ray.control.policy import BalancingPolicy, Candidate, Decision, PolicyParams, step_time_s
 from ma_ray.control.predictor import PredictionError, PredictorSettings, StagePrediction, StageTimePredictor
-from ma_ray.control.workload import SplitShape, Workload
+from ma_ray.parallel.workload import SplitShape, Workload
 
 __all__ = [
     "BalancingPolicy", "Candidate", "Decision", "PolicyParams", "step_time_s",

@@ -71,7 +71,7 @@ import numpy as np
 
 from ma_ray.config import Config
 from ma_ray.control.regression import KeyedBayesLinear
-from ma_ray.control.workload import ATTENTION_TERMS, MOE_TERMS, Workload
+from ma_ray.parallel.workload import ATTENTION_TERMS, MOE_TERMS, Workload
 
 STATE_VERSION = 1
 _EXTRA_TERMS = {"bytes", "sources"}  # zero prior mean: learned only if the data need them

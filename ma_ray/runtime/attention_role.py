@@ -24,9 +24,11 @@ from ma_ray.model import router as R
 from ma_ray.model.attention import AttentionShard
 from ma_ray.model.attention_side import AttentionSideParams
 from ma_ray.model.naming import prefixed
+from ma_ray.parallel.emulation import FORWARD_SHARE
+from ma_ray.parallel.placement import ATTENTION
 from ma_ray.parallel.shares import balanced_ranges
 from ma_ray.runtime.role import Role, grad_of
-from ma_ray.parallel.placement import ATTENTION
+from ma_ray.runtime.transfers import chunk_sizes
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -49,9 +51,9 @@ class AttentionStack(nn.Module):
 class AttentionRole(Role):
     kind = ATTENTION
 
-    def __init__(self, cfg, plan, me, links, device, dataset):
+    def __init__(self, cfg, plan, me, links, device, dataset, durations=None):
         stack = AttentionStack(cfg, me.heads)
-        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices())
+        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices(), durations)
         self.stack = stack
         self.dataset = dataset
         t, moe = cfg.train, cfg.moe
@@ -67,6 +69,16 @@ class AttentionRole(Role):
         self.checkpointing = t.activation_checkpointing and device.type == "cuda"
         # A replicated parameter's gradient is summed over the pool; rank 0 counts it in the norm.
         self.side_params = list(self.stack.side.parameters())
+        if durations is not None:
+            stage = durations.attention_stage_s(len(me.heads), (self.hi - self.lo) * durations.token_scale)
+            self.emulated_fwd, self.emulated_bwd = FORWARD_SHARE * stage, (1 - FORWARD_SHARE) * stage
+            one_node = len({w.node for w in plan.attention_workers()}) == 1
+            # One all-gather or reduce-scatter of a micro-batch's hidden states over the pool.
+            self.emulated_ring = durations.ring_s(durations.rows_bytes(self.tokens), plan.attention_gpus, one_node)
+            self.emulated_allreduce = 2 * durations.ring_s(durations.replicated_grad_bytes, plan.attention_gpus,
+                                                           one_node)
+        else:
+            self.emulated_fwd = self.emulated_bwd = self.emulated_ring = self.emulated_allreduce = 0.0
 
     # -- per-step state ---------------------------------------------------------------------
 
@@ -88,6 +100,7 @@ class AttentionRole(Role):
         grads = [p.grad for p in self.side_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.links.allreduce_attention(flat)
+        self.hold_transfer("comm_attention", self.emulated_allreduce)
         offset = 0
         for g in grads:
             n = g.numel()
@@ -105,7 +118,7 @@ class AttentionRole(Role):
         ids, targets = self.dataset.micro_batch(self.step, mb)
         flat_ids = ids.reshape(-1)[self.lo:self.hi].to(self.device)
         positions = (torch.arange(self.lo, self.hi) % self.seq).to(self.device)
-        with self.timer.measure("attention"), self._autocast():
+        with self.compute("attention"), self._autocast():
             x = self.stack.side.embed(flat_ids, positions)
         self.state[mb, "embed"] = x
         self.state[mb, "targets"] = targets.reshape(-1)[self.lo:self.hi].to(self.device)
@@ -114,18 +127,19 @@ class AttentionRole(Role):
     def attn_fwd(self, mb: int, layer: int) -> None:
         side, shard = self.stack.side, self.stack.shards[layer]
         x = self.x[mb, layer]
-        with self.timer.measure("attention"), self._autocast():
+        with self.compute("attention"), self._autocast():
             h_slice = side.pre_attention(layer, x)
-        h = _leaf(self.links.gather_tokens(h_slice.detach(), self.slice_sizes))
-        with self.timer.measure("attention"), self._autocast():
+        h = _leaf(self._gather(h_slice.detach()))
+        # The whole forward stage's emulated time is held here, where the heads compute.
+        with self.compute("attention", self.emulated_fwd), self._autocast():
             h3 = h.view(self.batch, self.seq, -1)
             partial = checkpoint(shard, h3, use_reentrant=False) if self.checkpointing else shard(h3)
-        a = _leaf(self.links.scatter_tokens(partial.detach().view(self.tokens, -1), self.slice_sizes))
-        with self.timer.measure("attention"), self._autocast():
+        a = _leaf(self._scatter(partial.detach().view(self.tokens, -1)))
+        with self.compute("attention"), self._autocast():
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
         all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
-        with self.timer.measure("attention"):
+        with self.compute("attention"):
             keep_all = R.capacity_keep(all_idx, self.num_experts, self.capacity)
             keep = keep_all[self.lo:self.hi]
             counts = R.expert_counts(all_idx, self.num_experts, self.seq, self.cfg.moe.seq_aux)
@@ -144,9 +158,9 @@ class AttentionRole(Role):
         st = self.state[mb, layer, "fwd"]
         blocks, sends = self._split_by_worker(st["rows"], st["per_expert"]), []
         for (dst, experts), block in zip(self.moe_workers, blocks):
-            counts = st["per_expert"][experts].to(torch.int64)
-            sends.append(self.links.isend(counts, dst))
-            sends.append(self.links.isend(block.detach().to(self.wire_dtype).contiguous(), dst))
+            sends.append(self.transfers.send(st["per_expert"][experts].to(torch.int64), dst))
+            sends += self.transfers.send_chunks(block.detach().to(self.wire_dtype), dst, self.chunk_rows,
+                                                self.wire_bytes)
         st["sizes"] = [b.shape[0] for b in blocks]
         st["sends"] = sends
 
@@ -154,7 +168,7 @@ class AttentionRole(Role):
         st = self.state[mb, layer, "fwd"]
         out = _leaf(self._receive_from_moe(st))
         x1, topk_prob = _leaf(st["x1"]), _leaf(st["topk_prob"])
-        with self.timer.measure("attention"), self._autocast():
+        with self.compute("attention"), self._autocast():
             y = D.combine(self.hi - self.lo, out, st["order"], topk_prob, self.top_k)
             x2 = self.stack.side.post_moe(x1, y)
         self.state[mb, layer, "combine"] = dict(out=out, x1=x1, topk_prob=topk_prob, x2=x2)
@@ -162,7 +176,7 @@ class AttentionRole(Role):
 
     def head(self, mb: int, _layer: int) -> None:
         x = self.x[mb, self.cfg.model.num_layers]
-        with self.timer.measure("attention"), self._autocast():
+        with self.compute("attention"), self._autocast():
             ce = self.stack.side.ce_sum(x, self.state.pop((mb, "targets"))) / (self.tokens * self.accum)
             ce.backward()
         self.losses[0] += float(ce.detach())
@@ -172,17 +186,18 @@ class AttentionRole(Role):
     def combine_bwd(self, mb: int, layer: int) -> None:
         c = self.state.pop((mb, layer, "combine"))
         st = self.state[mb, layer, "fwd"]
-        with self.timer.measure("attention"):
+        with self.compute("attention"):
             torch.autograd.backward(c["x2"], self.x.pop((mb, layer + 1)).grad)
         st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
         blocks = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
-        st["sends"] = [self.links.isend(block.to(self.wire_dtype).contiguous(), dst)
-                       for (dst, _), block in zip(self.moe_workers, blocks)]
+        st["sends"] = [ticket for (dst, _), block in zip(self.moe_workers, blocks)
+                       for ticket in self.transfers.send_chunks(block.to(self.wire_dtype), dst, self.chunk_rows,
+                                                                self.wire_bytes)]
 
     def dispatch_bwd(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
         grad_rows = self._receive_from_moe(st)
-        with self.timer.measure("attention"):
+        with self.compute("attention"):
             torch.autograd.backward(
                 [st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
                 [st["x1_grad"], st["topk_prob_grad"], grad_rows.to(st["rows"].dtype),
@@ -190,15 +205,15 @@ class AttentionRole(Role):
 
     def attn_bwd(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer, "fwd"))
-        grad_partial = self.links.gather_tokens(st["a"].grad, self.slice_sizes)
-        with self.timer.measure("attention"):
+        grad_partial = self._gather(st["a"].grad)
+        with self.compute("attention", self.emulated_bwd):
             torch.autograd.backward(st["partial"], grad_partial.view_as(st["partial"]))
-        grad_h_slice = self.links.scatter_tokens(st["h"].grad, self.slice_sizes)
-        with self.timer.measure("attention"):
+        grad_h_slice = self._scatter(st["h"].grad)
+        with self.compute("attention"):
             torch.autograd.backward(st["h_slice"], grad_h_slice)
 
     def embed_bwd(self, mb: int, _layer: int) -> None:
-        with self.timer.measure("attention"):
+        with self.compute("attention"):
             torch.autograd.backward(self.state.pop((mb, "embed")), self.x.pop((mb, 0)).grad)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -208,13 +223,22 @@ class AttentionRole(Role):
         sizes = [int(per_expert[experts].sum()) for _, experts in self.moe_workers]
         return list(torch.split(rows, sizes))
 
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        full = self.links.gather_tokens(local, self.slice_sizes)
+        self.hold_transfer("comm_attention", self.emulated_ring)
+        return full
+
+    def _scatter(self, full: torch.Tensor) -> torch.Tensor:
+        mine = self.links.scatter_tokens(full, self.slice_sizes)
+        self.hold_transfer("comm_attention", self.emulated_ring)
+        return mine
+
     def _receive_from_moe(self, st) -> torch.Tensor:
-        """Every MoE worker's block for this (micro-batch, layer), in dispatch order; also waits
-        for the sends this exchange answers, whose buffers can go once it has arrived."""
+        """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch
+        order; also waits for the sends this exchange answers, whose buffers can go now."""
         hidden = self.cfg.model.hidden_size
-        bufs = [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
-        handles = [self.links.irecv(buf, src) for (src, _), buf in zip(self.moe_workers, bufs)]
-        with self.timer.wait("wait_moe"):
-            for h in handles + st.pop("sends"):
-                h.wait()
-        return torch.cat(bufs)
+        pairs = [(torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device), src)
+                 for (src, _), size in zip(self.moe_workers, st["sizes"]) for n in chunk_sizes(size, self.chunk_rows)]
+        chunks = list(self.transfers.receive(pairs, lambda: self.timer.wait("wait_moe")))
+        self.wait_sends(st.pop("sends"), "wait_moe")
+        return torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=self.wire_dtype, device=self.device)

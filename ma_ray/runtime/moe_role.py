@@ -2,14 +2,18 @@
 workers route to them.
 
 Each attention worker sends, per layer and micro-batch, a count per expert of this worker and
-its rows sorted by expert. The worker regroups all sources' rows expert-major (one matmul per
-expert over every source's tokens), computes, and sends each source its outputs in the order it
-sent them; backward does the same with gradients.
+then its rows sorted by expert, in chunks of ``comm.communication_chunk_size`` tokens. The worker
+takes the chunks in source order and groups consecutive ones into compute batches of at least a
+chunk's rows (a batch is one chunk at paper scale, everything at once when all sources together
+send less than a chunk). Each batch is regrouped expert-major (one matmul per expert over the
+batch's rows), computed, and its outputs go back chunk by chunk while the next batch arrives and
+computes; backward does the same with gradients. Every row's result depends only on its own
+input, so batching changes sums of parameter gradients only in their order (rounding).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -17,8 +21,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ma_ray.model.experts import ExpertGroup
 from ma_ray.model.naming import prefixed
-from ma_ray.runtime.role import Role, grad_of
+from ma_ray.parallel.emulation import FORWARD_SHARE
 from ma_ray.parallel.placement import MOE
+from ma_ray.runtime.role import Role, grad_of
+from ma_ray.runtime.transfers import chunk_sizes
 
 
 class ExpertStack(nn.Module):
@@ -36,9 +42,9 @@ class ExpertStack(nn.Module):
 class MoERole(Role):
     kind = MOE
 
-    def __init__(self, cfg, plan, me, links, device):
+    def __init__(self, cfg, plan, me, links, device, durations=None):
         stack = ExpertStack(cfg, me.experts)
-        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices())
+        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices(), durations)
         self.stack = stack
         self.sources = [w.gpu for w in plan.attention_workers()]
         self.num_local = len(me.experts)
@@ -47,65 +53,112 @@ class MoERole(Role):
 
     def begin_step(self, step: int) -> None:
         self.state: Dict = {}
+        self.unsent: List = []  # tickets of the last sends of the step, waited for at its end
+
+    def end_micro_batches(self):
+        self.wait_sends(self.unsent, "wait_attention")
+        return {}
+
+    def _waiting(self):
+        return self.timer.wait("wait_attention")
 
     def expert_recv(self, mb: int, layer: int) -> None:
+        """Every source's row count per local expert; plans the chunks and compute batches."""
         counts = [torch.empty(self.num_local, dtype=torch.int64, device=self.device) for _ in self.sources]
-        handles = [self.links.irecv(c, src) for c, src in zip(counts, self.sources)]
-        with self.timer.wait("wait_attention"):
-            for h in handles:
-                h.wait()
-        rows = [torch.empty(int(c.sum()), self.hidden, dtype=self.wire_dtype, device=self.device) for c in counts]
-        handles = [self.links.irecv(r, src) for r, src in zip(rows, self.sources)]
-        with self.timer.wait("wait_attention"):
-            for h in handles:
-                h.wait()
-        # Expert-major order over all sources: a stable sort of the rows by local expert index.
-        expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(self.num_local, device=self.device), c)
-                                   for c in counts])
-        perm = torch.argsort(expert_of_row, stable=True)
-        per_expert = torch.stack(counts).sum(dim=0).tolist()
-        self.state[mb, layer] = dict(rows=torch.cat(rows), perm=perm, per_expert=per_expert,
-                                     sizes=[r.shape[0] for r in rows])
+        for _ in self.transfers.receive(list(zip(counts, self.sources)), self._waiting):
+            pass
+        chunks = [_Chunk(i, src, per_expert)
+                  for i, (src, c) in enumerate(zip(self.sources, counts))
+                  for per_expert in _chunk_counts(c.tolist(), self.chunk_rows)]
+        batches, current = [], []
+        for chunk in chunks:
+            current.append(chunk)
+            if sum(ch.rows for ch in current) >= self.chunk_rows:
+                batches.append(current)
+                current = []
+        if current:
+            batches.append(current)
+        total = sum(ch.rows for ch in chunks)
+        stage = (self.durations.moe_stage_s(self.num_local, total * self.durations.token_scale)
+                 if self.durations is not None else 0.0)
+        self.state[mb, layer] = dict(batches=[_Batch(b, stage * sum(ch.rows for ch in b) / total, self.device)
+                                              for b in batches])
 
     def expert_fwd(self, mb: int, layer: int) -> None:
-        st = self.state[mb, layer]
         group = self.stack.groups[layer]
-        inp = st["rows"].index_select(0, st["perm"]).requires_grad_()
-        with self.timer.measure("moe"), self._autocast():
-            out = (checkpoint(group, inp, st["per_expert"], use_reentrant=False) if self.checkpointing
-                   else group(inp, st["per_expert"]))
-        st.update(inp=inp, out=out)
-        del st["rows"]
-
-    def expert_send(self, mb: int, layer: int) -> None:
-        st = self.state[mb, layer]
-        st["sends"] = self._send_back(st["out"].detach(), st)
-
-    def expert_grad_recv(self, mb: int, layer: int) -> None:
-        st = self.state[mb, layer]
-        bufs = [torch.empty(n, self.hidden, dtype=self.wire_dtype, device=self.device) for n in st["sizes"]]
-        handles = [self.links.irecv(b, src) for b, src in zip(bufs, self.sources)]
-        with self.timer.wait("wait_attention"):
-            for h in handles + st.pop("sends"):
-                h.wait()
-        st["grad_out"] = torch.cat(bufs).index_select(0, st["perm"]).to(st["out"].dtype)
+        sends = []
+        for batch in self.state[mb, layer]["batches"]:
+            rows = self._receive(batch)
+            inp = rows.index_select(0, batch.perm).requires_grad_()
+            with self.compute("moe", FORWARD_SHARE * batch.emulated_s), self._autocast():
+                out = (checkpoint(group, inp, batch.per_expert, use_reentrant=False) if self.checkpointing
+                       else group(inp, batch.per_expert))
+            batch.inp, batch.out = inp, out
+            sends += self._send_back(out.detach(), batch)
+        self.state[mb, layer]["sends"] = sends
 
     def expert_bwd(self, mb: int, layer: int) -> None:
-        st = self.state[mb, layer]
-        with self.timer.measure("moe"):
-            torch.autograd.backward(st["out"], st.pop("grad_out"))
-
-    def expert_grad_send(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer))
-        sends = self._send_back(grad_of(st["inp"]), st)
-        with self.timer.wait("wait_attention"):
-            for h in sends:
-                h.wait()
+        self.wait_sends(st["sends"], "wait_attention")
+        sends = []
+        for batch in st["batches"]:
+            grad_out = self._receive(batch).index_select(0, batch.perm).to(batch.out.dtype)
+            with self.compute("moe", (1 - FORWARD_SHARE) * batch.emulated_s):
+                torch.autograd.backward(batch.out, grad_out)
+            sends += self._send_back(grad_of(batch.inp), batch)
+        # The previous request's sends are surely wanted by now; this one's may wait (the step's
+        # last until its end), so at most two requests' buffers stay alive.
+        self.wait_sends(self.unsent, "wait_attention")
+        self.unsent = sends
 
-    def _send_back(self, expert_major: torch.Tensor, st) -> List:
-        """Undo the expert-major regrouping and send each source its block."""
+    def _receive(self, batch: "_Batch") -> torch.Tensor:
+        """The batch's rows (source order, each chunk sorted by expert)."""
+        pairs = [(torch.empty(ch.rows, self.hidden, dtype=self.wire_dtype, device=self.device), ch.src)
+                 for ch in batch.chunks]
+        return torch.cat(list(self.transfers.receive(pairs, self._waiting)))
+
+    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch") -> List:
+        """Undo the expert-major regrouping and send each chunk back to its source."""
         expert_major = expert_major.to(self.wire_dtype)
         source_major = torch.empty_like(expert_major)
-        source_major[st["perm"]] = expert_major
-        return [self.links.isend(block.contiguous(), dst)
-                for block, dst in zip(torch.split(source_major, st["sizes"]), self.sources)]
+        source_major[batch.perm] = expert_major
+        return [self.transfers.send(block, ch.src, self.wire_bytes(ch.rows))
+                for block, ch in zip(torch.split(source_major, [ch.rows for ch in batch.chunks]), batch.chunks)]
+
+
+class _Chunk:
+    """Rows of one source's chunk: its source and how many belong to each local expert."""
+
+    def __init__(self, index: int, src: int, per_expert: List[int]):
+        self.index, self.src, self.per_expert = index, src, per_expert
+        self.rows = sum(per_expert)
+
+
+class _Batch:
+    """Consecutive chunks computed together, regrouped expert-major by ``perm``."""
+
+    def __init__(self, chunks: List[_Chunk], emulated_s: float, device: torch.device):
+        self.chunks, self.emulated_s = chunks, emulated_s
+        num_local = len(chunks[0].per_expert)
+        expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(num_local), torch.tensor(ch.per_expert))
+                                   for ch in chunks])
+        self.perm = torch.argsort(expert_of_row, stable=True).to(device)
+        self.per_expert = [sum(col) for col in zip(*(ch.per_expert for ch in chunks))]
+        self.inp = self.out = None
+
+
+def _chunk_counts(per_expert: List[int], chunk_rows: int) -> List[List[int]]:
+    """A source's rows (sorted by expert, ``per_expert`` of each) cut into ``chunk_sizes``
+    chunks: each chunk's count per expert."""
+    out: List[List[int]] = []
+    bounds: List[Tuple[int, int]] = []
+    start = 0
+    for n in per_expert:
+        bounds.append((start, start + n))
+        start += n
+    lo = 0
+    for size in chunk_sizes(start, chunk_rows):
+        hi = lo + size
+        out.append([max(0, min(hi, b) - max(lo, a)) for a, b in bounds])
+        lo = hi
+    return out

@@ -9,8 +9,9 @@ after the op kinds.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Dict, List
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from ma_ray.model.naming import GlobalSlice, export_global, import_global, initi
 from ma_ray.optim import build_optimizer, clip_coefficient, lr_factor, param_dtype
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.timing import StageTimer
+from ma_ray.runtime.transfers import Transfers, sleep_until
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -32,14 +34,25 @@ def grad_of(leaf: torch.Tensor) -> torch.Tensor:
 class Role:
     kind = ""
 
-    def __init__(self, cfg, plan, me, links, device: torch.device, module: nn.Module, slices: List[GlobalSlice]):
+    def __init__(self, cfg, plan, me, links, device: torch.device, module: nn.Module, slices: List[GlobalSlice],
+                 durations=None):
+        """``durations``: the emulation's time model (``parallel.emulation.StageDurations``) when
+        stages stand for the configured shapes; None computes for real."""
         self.cfg, self.plan, self.me, self.links, self.device = cfg, plan, me, links, device
+        self.durations = durations
         self.module = module
         self.slices = slices
         initialize(self.module, self.slices, cfg.model.initializer_range, cfg.train.seed)
         self.module.to(device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
-        self.timer = StageTimer(device)
+        # An emulated stage is mostly a wait, which only a wall clock sees.
+        self.timer = StageTimer(device, wall=durations is not None)
+        comm = cfg.comm
+        self.transfers = Transfers(links, comm.max_concurrent_communications,
+                                   self._inbound_bandwidth if durations is not None else None)
+        # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
+        scale = durations.token_scale if durations is not None else 1.0
+        self.chunk_rows = max(1, round(comm.communication_chunk_size / scale))
         self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps,
                                      cfg.comm.micro_batches_in_flight)
         bf16 = cfg.train.mixed_precision == "bf16"
@@ -56,8 +69,9 @@ class Role:
         self.optimizer.zero_grad(set_to_none=False)
         self.timer.reset()
         self.begin_step(step)
-        for op in self.schedule:
-            getattr(self, op.kind)(op.micro, op.layer)
+        with self.timer.wait("pipeline"):  # the passes, from first op to last, for overlap figures
+            for op in self.schedule:
+                getattr(self, op.kind)(op.micro, op.layer)
         metrics = self.end_micro_batches()
         for p in self.module.parameters():
             if p.grad is None:  # no row reached this worker's experts yet: their gradient is zero
@@ -76,6 +90,36 @@ class Role:
         metrics.update(grad_norm=norm, lr=lr)
         metrics["timings"] = self.timer.totals()
         return metrics
+
+    # -- compute and transfers, real or emulated --------------------------------------------
+
+    @contextmanager
+    def compute(self, label: str, emulated_s: float = 0.0):
+        """Time a compute region; under emulation also hold it until ``emulated_s`` has passed
+        (the real stand-in arithmetic inside counts towards it)."""
+        with self.timer.measure(label):
+            start = time.perf_counter()
+            yield
+            if self.durations is not None:
+                sleep_until(start + emulated_s)
+
+    def hold_transfer(self, label: str, seconds: float) -> None:
+        """Under emulation, the rest of a collective's time at the configured shapes."""
+        if self.durations is not None and seconds > 0:
+            with self.timer.wait(label):
+                time.sleep(seconds)
+
+    def _inbound_bandwidth(self, src_gpu: int) -> float:
+        return self.durations.bandwidth(self.plan.gpus[src_gpu].node == self.me.node)
+
+    def wire_bytes(self, rows: int) -> float:
+        """Bytes that ``rows`` activation rows stand for (0 when computing for real)."""
+        return self.durations.rows_bytes(rows) if self.durations is not None else 0.0
+
+    def wait_sends(self, handles, label: str) -> None:
+        with self.timer.wait(label):
+            for handle in handles:
+                handle.wait()
 
     def _global_grad_norm(self) -> float:
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)

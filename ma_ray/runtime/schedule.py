@@ -13,8 +13,8 @@ Attention worker, per micro-batch:
   head (final norm, LM head, loss, start of backward); per layer in reverse: combine_bwd (send
   the gradient of the expert outputs), dispatch_bwd (receive the gradient of the routed rows),
   attn_bwd; embed_bwd.
-MoE worker, per micro-batch: per layer: expert_recv, expert_fwd, expert_send; per layer in
-reverse: expert_grad_recv, expert_bwd, expert_grad_send.
+MoE worker, per micro-batch: per layer: expert_recv (row counts), expert_fwd (receive, compute and
+send back, chunk batch by chunk batch); per layer in reverse: expert_bwd (the same for gradients).
 
 Micro-batches in flight (``comm.micro_batches_in_flight`` = k): the micro-batches of a step go in
 groups of k. Within a group, each micro-batch's list above is cut before every op that waits
@@ -40,8 +40,7 @@ class Op(NamedTuple):
 
 # Attention ops that wait for the MoE pool, and the MoE ops that serve each attention request.
 _WAITS_FOR_MOE = ("combine", "dispatch_bwd")
-_SERVED_BY = {"dispatch": ("expert_recv", "expert_fwd", "expert_send"),
-              "combine_bwd": ("expert_grad_recv", "expert_bwd", "expert_grad_send")}
+_SERVED_BY = {"dispatch": ("expert_recv", "expert_fwd"), "combine_bwd": ("expert_bwd",)}
 
 
 def _micro_batch_ops(num_layers: int, mb: int) -> List[Op]:

@@ -5,7 +5,8 @@ host clock would measure launch time); the events are resolved once at the end o
 timing adds no synchronisation inside the step. On CPU it is the thread's CPU time: workers run
 torch single-threaded there, and emulated GPUs share a few cores, so wall time would count the
 time a worker waited for a core as its own work. Waits on transfers (``wait``) are wall time on
-both: a blocked wait uses no CPU, and what it costs the step is the time it takes.
+both: a blocked wait uses no CPU, and what it costs the step is the time it takes. Emulated
+stages (``parallel.emulation``) are waits of their predicted duration, so they are wall time too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 
 
 class StageTimer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, wall: bool = False):
+        """``wall``: time compute with the wall clock (emulated stages, which mostly wait)."""
+        self.cuda = device.type == "cuda" and not wall
+        self.clock = time.perf_counter if wall else time.thread_time
         self.reset()
 
     def reset(self) -> None:
@@ -36,9 +39,9 @@ class StageTimer:
             end.record()
             self._events.append((label, start, end))
         else:
-            t0 = time.thread_time()
+            t0 = self.clock()
             yield
-            self._host[label] += time.thread_time() - t0
+            self._host[label] += self.clock() - t0
 
     @contextmanager
     def wait(self, label: str):

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from ma_ray.comm.cpu_backend import ensure_registered
+from ma_ray.parallel.emulation import stage_durations, wire_config
 from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.links import Links, worker_name
 from ma_ray.runtime.migration import merge, names_of, owned_state, payload_bytes, restrict
@@ -43,14 +44,17 @@ class Worker:
             state = _read_checkpoint(checkpoint)
         self.close()
         ensure_registered()
+        # Under emulation the plan and the waits follow ``cfg``; the tensors, the stand-in's shapes.
+        durations = stage_durations(cfg) if cfg.emulation.enabled else None
+        cfg = wire_config(cfg) if cfg.emulation.enabled else cfg
         self.cfg = cfg
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
         self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000))
         if me.is_attention:
-            self.role = AttentionRole(cfg, plan, me, self.links, self.device, dataset)
+            self.role = AttentionRole(cfg, plan, me, self.links, self.device, dataset, durations)
         else:
-            self.role = MoERole(cfg, plan, me, self.links, self.device)
+            self.role = MoERole(cfg, plan, me, self.links, self.device, durations)
         if state is not None:
             self.role.load_state(restrict(state, names_of(cfg, me)))
         return {"gpu": me.gpu, "role": me.role, "device": str(self.device),
