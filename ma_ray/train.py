@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ma_ray.config import Config
 from ma_ray.data import build_dataset
 from ma_ray.errors import MaRayError
+from ma_ray.parallel.emulation import stage_durations, wire_config
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
@@ -31,7 +32,12 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
     """Train up to step ``steps`` (default ``train.num_train_steps``); returns the last metrics."""
     from ma_ray.control.controller import Controller
 
-    dataset = build_dataset(cfg)
+    if cfg.emulation.enabled:
+        durations = stage_durations(cfg)  # a bad calibration file fails here, before anything starts
+        print("emulated compute, time model: " + json.dumps(durations.describe()), flush=True)
+        dataset = build_dataset(wire_config(cfg))  # the stand-in tensors' tokens
+    else:
+        dataset = build_dataset(cfg)
     start = 0
     if resume is not None:
         meta = checkpoint.read_meta(checkpoint.latest(resume))

@@ -39,7 +39,10 @@ class _Gauges:
         self.attention_gpus = ray_metrics.Gauge("ma_ray_attention_gpus", "GPUs in the attention pool",
                                                 tag_keys=("job",))
         self.loss = ray_metrics.Gauge("ma_ray_loss", "training loss", tag_keys=("job",))
-        for g in (self.stage, self.imbalance, self.attention_gpus, self.loss):
+        self.overlap = ray_metrics.Gauge("ma_ray_overlap_efficiency",
+                                         "share of the lighter pool's compute hidden under the heavier's",
+                                         tag_keys=("job",))
+        for g in (self.stage, self.imbalance, self.attention_gpus, self.loss, self.overlap):
             g.set_default_tags(tags)
 
     def record(self, m: dict) -> None:
@@ -48,6 +51,7 @@ class _Gauges:
         self.imbalance.set(m["imbalance"])
         self.attention_gpus.set(m["attention_gpus"])
         self.loss.set(m["loss"])
+        self.overlap.set(m["overlap_efficiency"])
 
 
 @ray.remote(max_concurrency=8, num_cpus=0)

@@ -1,0 +1,119 @@
+"""What the ping-pong pipeline buys: achieved step passes against the analytic ideal, m = 1, 2, 4.
+
+For each number ``m`` of micro-batches in flight, one job runs ``--steps`` steps (the first is
+dropped as warm-up) and the medians of its passes' wall time ``P`` and overlap efficiency are
+printed with the ideal of the same schedule (``ma_ray.parallel.pipeline_model``) and the ratio
+achieved / ideal. Every figure is measured in this run; the ideal comes from the stage times.
+
+* ``--mode emulated`` (default): the paper preset under ``emulation.enabled`` with
+  ``--micro-batches`` micro-batches per step. Stage times of the ideal are the emulation's time
+  model at the plan's busiest GPUs: the attention stage with its two ring collectives per pass,
+  the MoE stage at a uniform router's rows, ``T_c`` the busiest MoE GPU's inbound rows over its
+  links. Goals at m = 4 (issue 5): efficiency >= 0.85, achieved / ideal <= 1.10.
+* ``--mode real``: the local CPU preset computing for real; stage times of the ideal are the
+  measured ones of the same run (``T_c`` = 0: not measurable apart), so the ratio says what the
+  schedule buys on this machine's shared cores.
+
+    /work/venv/bin/python bench/pipeline.py                    # emulated paper preset
+    /work/venv/bin/python bench/pipeline.py --mode real
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_worker_niceness", "0")  # same priority as this process
+
+import ray  # noqa: E402
+
+from ma_ray import config as C  # noqa: E402
+from ma_ray.data import build_dataset  # noqa: E402
+from ma_ray.parallel.emulation import FORWARD_SHARE, stage_durations, wire_config  # noqa: E402
+from ma_ray.parallel.pipeline_model import ideal_overlap_efficiency, ideal_step_s  # noqa: E402
+from ma_ray.parallel.placement import make_plan  # noqa: E402
+from ma_ray.parallel.workload import Workload  # noqa: E402
+from ma_ray.runtime.cluster import connect  # noqa: E402
+from ma_ray.runtime.job import TrainingJob  # noqa: E402
+
+
+def emulated_stage_times(cfg):
+    """(T_a, T_m, T_c) of one stage, forward + backward, at the plan's busiest GPUs."""
+    d = stage_durations(cfg)
+    plan = make_plan(cfg)
+    shape = Workload(cfg).shape(plan.attention_gpus)
+    one_node = len({g.node for g in plan.attention_workers()}) == 1
+    full = cfg.train.micro_batch_size * cfg.train.seq_length * cfg.model.hidden_size * d.activation_bytes
+    ring = d.ring_s(full, plan.attention_gpus, one_node)
+    t_a = d.attention_stage_s(shape.heads, shape.tokens) + 4 * ring  # gather + scatter, each pass
+    t_m = d.moe_stage_s(shape.experts, shape.rows)
+    rows_per_source = shape.rows / plan.attention_gpus
+    bytes_per_source = rows_per_source * cfg.model.hidden_size * d.activation_bytes
+    t_c = max(sum(bytes_per_source / d.bandwidth(a.node == m.node) for a in plan.attention_workers())
+              for m in plan.moe_workers())
+    return t_a, t_m, t_c
+
+
+def run(cfg, steps, emulated):
+    dataset = build_dataset(wire_config(cfg) if emulated else cfg)
+    job = TrainingJob(cfg, dataset, torch_threads=1)
+    try:
+        rows = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            rows.append({**job.step(step), "wall": time.perf_counter() - t0})
+        return rows[1:]
+    finally:
+        job.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["emulated", "real"], default="emulated")
+    ap.add_argument("--steps", type=int, default=3, help="steps per m, the first dropped (default 3)")
+    ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step, emulated (default 4)")
+    ap.add_argument("--in-flight", default="1,2,4")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    emulated = args.mode == "emulated"
+    if emulated:
+        mb = args.micro_batches
+        base = C.load("cluster/paper-16gpu.yaml", ["emulation.enabled=true", "cluster.emulate=true",
+                                                   f"train.gradient_accumulation_steps={mb}",
+                                                   f"train.batch_size={64 * mb}", *args.overrides])
+    else:
+        base = C.load("cluster/local-cpu.yaml", ["data.kind=synthetic", *args.overrides])
+    connect(base.cluster, num_cpus=os.cpu_count())
+    layers, micro = base.model.num_layers, base.train.gradient_accumulation_steps
+    stages = layers * micro
+    print(f"mode={args.mode} layers={layers} micro_batches={micro} steps={args.steps} (first dropped)")
+    if emulated:
+        t_a, t_m, t_c = emulated_stage_times(base)
+        print(f"stage times of the ideal (s): T_a={t_a:.4f} T_m={t_m:.4f} T_c={t_c:.4f} "
+              f"(forward share {FORWARD_SHARE:.3f})")
+    print(f"{'m':>2} {'achieved P (s)':>15} {'ideal (s)':>10} {'achieved/ideal':>15} "
+          f"{'overlap eff.':>13} {'ideal eff.':>11} {'step wall (s)':>14}")
+    for m in [int(x) for x in args.in_flight.split(",")]:
+        cfg = base.replace(**{"comm.micro_batches_in_flight": m})
+        rows = run(cfg, args.steps, emulated)
+        p = statistics.median(r["t_passes_s"] for r in rows)
+        eff = statistics.median(r["overlap_efficiency"] for r in rows)
+        if not emulated:  # the ideal of what this run measured
+            t_a = statistics.median(r["t_attention_s"] for r in rows)
+            t_m = statistics.median(r["t_moe_s"] for r in rows)
+            t_c = 0.0
+        fwd = (FORWARD_SHARE * t_a, FORWARD_SHARE * t_m)
+        bwd = ((1 - FORWARD_SHARE) * t_a, (1 - FORWARD_SHARE) * t_m)
+        ideal = ideal_step_s(fwd, bwd, t_c, micro, m, layers)
+        ideal_eff = ideal_overlap_efficiency(t_a * stages, t_m * stages, ideal)
+        wall = statistics.median(r["wall"] for r in rows)
+        print(f"{m:>2} {p:>15.3f} {ideal:>10.3f} {p / ideal:>15.3f} {eff:>13.3f} {ideal_eff:>11.3f} {wall:>14.3f}",
+              flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
