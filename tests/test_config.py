@@ -366,7 +366,7 @@ def test_cli_error_in_a_subprocess_has_no_traceback():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "ma-ray: error: unknown: unknown key (known: balance, cluster, comm, control, " \
-                          "data, memory, model, moe, train)\n"
+                          "data, emulation, memory, model, moe, train)\n"
 
 
 # --- ma-ray config ------------------------------------------------------------------------------------
