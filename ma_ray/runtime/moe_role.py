@@ -53,7 +53,7 @@ class MoERole(Role):
 
     def begin_step(self, step: int) -> None:
         self.state: Dict = {}
-        self.unsent: List = []  # tickets of the last sends of the step, waited for at its end
+        self.unsent: List = []  # the last input-gradient sends, waited for at the step's end
 
     def end_micro_batches(self):
         self.wait_sends(self.unsent, "wait_attention")
@@ -67,8 +67,7 @@ class MoERole(Role):
         counts = [torch.empty(self.num_local, dtype=torch.int64, device=self.device) for _ in self.sources]
         for _ in self.transfers.receive(list(zip(counts, self.sources)), self._waiting):
             pass
-        chunks = [_Chunk(i, src, per_expert)
-                  for i, (src, c) in enumerate(zip(self.sources, counts))
+        chunks = [_Chunk(src, per_expert) for src, c in zip(self.sources, counts)
                   for per_expert in _chunk_counts(c.tolist(), self.chunk_rows)]
         batches, current = [], []
         for chunk in chunks:
@@ -129,8 +128,8 @@ class MoERole(Role):
 class _Chunk:
     """Rows of one source's chunk: its source and how many belong to each local expert."""
 
-    def __init__(self, index: int, src: int, per_expert: List[int]):
-        self.index, self.src, self.per_expert = index, src, per_expert
+    def __init__(self, src: int, per_expert: List[int]):
+        self.src, self.per_expert = src, per_expert
         self.rows = sum(per_expert)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
