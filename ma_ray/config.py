@@ -79,6 +79,11 @@ class BalanceConfig:
     # [constant, expert_dim, active_experts] coefficients, in seconds.
     attn_time_coef: List[float] = field(default_factory=lambda: [0.0012, 0.000034, 0.0000087])
     moe_time_coef: List[float] = field(default_factory=lambda: [0.0008, 0.000045, 0.000012])
+    # Prior of a migration's pause (not in the seed): seconds any change of split costs (roles
+    # and collective groups rebuilt), and the rate at which the busiest receiving GPU takes in
+    # moved parameters and moments. Measured pauses refine it (control/migration_cost.py).
+    migration_fixed_s: float = 10.0
+    migration_gb_per_s: float = 2.0
 
 
 @dataclass
@@ -374,6 +379,7 @@ def validate(cfg: Config) -> None:
         ("train.weight_decay", t.weight_decay), ("train.gradient_clipping", t.gradient_clipping),
         ("train.adam_eps", t.adam_eps), ("train.num_train_steps", t.num_train_steps),
         ("train.warmup_steps", t.warmup_steps), ("cluster.placement_timeout_s", c.placement_timeout_s),
+        ("balance.migration_fixed_s", b.migration_fixed_s),
         ("memory.attention_gpu_budget_gb", cfg.memory.attention_gpu_budget_gb),
         ("memory.moe_gpu_budget_gb", cfg.memory.moe_gpu_budget_gb),
     ]:
@@ -389,7 +395,8 @@ def validate(cfg: Config) -> None:
              f"comm.sparsification_ratio: must be in (0, 1], got {comm.sparsification_ratio}")
     _require(0.0 < comm.overlap_efficiency_target <= 1.0,
              f"comm.overlap_efficiency_target: must be in (0, 1], got {comm.overlap_efficiency_target}")
-    for path, value in [("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
+    for path, value in [("balance.migration_gb_per_s", b.migration_gb_per_s),
+                        ("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
                         ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
     _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")

@@ -166,7 +166,7 @@ NOT_NEGATIVE = [
     "balance.imbalance_threshold", "comm.compression_overhead", "train.learning_rate",
     "train.min_learning_rate", "train.weight_decay", "train.gradient_clipping", "train.adam_eps",
     "train.num_train_steps", "train.warmup_steps", "cluster.placement_timeout_s",
-    "memory.attention_gpu_budget_gb", "memory.moe_gpu_budget_gb",
+    "memory.attention_gpu_budget_gb", "memory.moe_gpu_budget_gb", "balance.migration_fixed_s",
 ]
 
 
@@ -313,7 +313,7 @@ def test_every_range_rule_has_a_test():
     assert listed["value > 0 and math.isfinite(value)"] == set(BANDWIDTHS)
 
 
-BANDWIDTHS = ["emulation.intra_node_gb_per_s", "emulation.inter_node_gb_per_s"]
+BANDWIDTHS = ["balance.migration_gb_per_s", "emulation.intra_node_gb_per_s", "emulation.inter_node_gb_per_s"]
 
 
 @pytest.mark.parametrize("key", BANDWIDTHS)

@@ -11,7 +11,8 @@ rebuilds its role and groups), estimated from the bytes that move and refined by
   (``parallel.memory.precision_of``). Receivers fetch in parallel, so the busiest receiver's
   bytes, not the sum, set the transfer time;
 * ``fixed_s``: what any change costs regardless of size (every worker rebuilds its role and the
-  collective groups are re-formed);
+  collective groups are re-formed); ``balance.migration_fixed_s`` and ``bandwidth``
+  (``balance.migration_gb_per_s``) unless given;
 * ``ratio``: 1 until a migration is measured, then the exponential average in log space (memory
   ``memory`` migrations) of measured / estimated pause, so the defaults only matter until the
   first migration.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Dict
+from typing import Dict, Optional
 
 from ma_ray.config import Config
 from ma_ray.parallel.diff import diff_plans
@@ -32,8 +33,12 @@ from ma_ray.parallel.placement import ATTENTION, Plan, place
 
 
 class MigrationCostModel:
-    def __init__(self, cfg: Config, fixed_s: float = 10.0, bandwidth_bytes_per_s: float = 2e9,
+    def __init__(self, cfg: Config, fixed_s: Optional[float] = None, bandwidth_bytes_per_s: Optional[float] = None,
                  memory: float = 3.0):
+        if fixed_s is None:
+            fixed_s = cfg.balance.migration_fixed_s
+        if bandwidth_bytes_per_s is None:
+            bandwidth_bytes_per_s = cfg.balance.migration_gb_per_s * 1e9
         if not (fixed_s >= 0 and math.isfinite(fixed_s)):
             raise ValueError(f"fixed_s: must be a non-negative number of seconds, got {fixed_s!r}")
         if not (bandwidth_bytes_per_s > 0 and math.isfinite(bandwidth_bytes_per_s)):
