@@ -99,8 +99,8 @@ class AttentionRole(Role):
     def synchronize_gradients(self) -> None:
         grads = [p.grad for p in self.side_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        self.links.allreduce_attention(flat)
-        self.hold_transfer("comm_attention", self.emulated_allreduce)
+        with self.collective("comm_attention", self.emulated_allreduce):
+            self.links.allreduce_attention(flat)
         offset = 0
         for g in grads:
             n = g.numel()
@@ -138,7 +138,8 @@ class AttentionRole(Role):
         with self.compute("attention"), self._autocast():
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
-        all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
+        with self.collective("comm_attention", 0.0):  # a few bytes a token: no time to emulate
+            all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
         with self.compute("attention"):
             keep_all = R.capacity_keep(all_idx, self.num_experts, self.capacity)
             keep = keep_all[self.lo:self.hi]
@@ -224,14 +225,12 @@ class AttentionRole(Role):
         return list(torch.split(rows, sizes))
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        full = self.links.gather_tokens(local, self.slice_sizes)
-        self.hold_transfer("comm_attention", self.emulated_ring)
-        return full
+        with self.collective("comm_attention", self.emulated_ring):
+            return self.links.gather_tokens(local, self.slice_sizes)
 
     def _scatter(self, full: torch.Tensor) -> torch.Tensor:
-        mine = self.links.scatter_tokens(full, self.slice_sizes)
-        self.hold_transfer("comm_attention", self.emulated_ring)
-        return mine
+        with self.collective("comm_attention", self.emulated_ring):
+            return self.links.scatter_tokens(full, self.slice_sizes)
 
     def _receive_from_moe(self, st) -> torch.Tensor:
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch

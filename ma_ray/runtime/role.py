@@ -18,6 +18,7 @@ from torch import nn
 
 from ma_ray.model.naming import GlobalSlice, export_global, import_global, initialize
 from ma_ray.optim import build_optimizer, clip_coefficient, lr_factor, param_dtype
+from ma_ray.runtime.emulated_device import EmulatedDevice
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.timing import StageTimer
 from ma_ray.runtime.transfers import Transfers, sleep_until
@@ -40,16 +41,17 @@ class Role:
         stages stand for the configured shapes; None computes for real."""
         self.cfg, self.plan, self.me, self.links, self.device = cfg, plan, me, links, device
         self.durations = durations
+        self.device_timeline = EmulatedDevice() if durations is not None else None
         self.module = module
         self.slices = slices
         initialize(self.module, self.slices, cfg.model.initializer_range, cfg.train.seed)
         self.module.to(device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
-        # An emulated stage is mostly a wait, which only a wall clock sees.
-        self.timer = StageTimer(device, wall=durations is not None)
+        self.timer = StageTimer(device)
         comm = cfg.comm
-        self.transfers = Transfers(links, comm.max_concurrent_communications,
-                                   self._inbound_bandwidth if durations is not None else None)
+        self.transfers = (Transfers(links, comm.max_concurrent_communications) if durations is None else
+                          Transfers(links, comm.max_concurrent_communications, self._inbound_bandwidth,
+                                    self.device_timeline.ready_at))
         # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
         scale = durations.token_scale if durations is not None else 1.0
         self.chunk_rows = max(1, round(comm.communication_chunk_size / scale))
@@ -72,6 +74,8 @@ class Role:
         with self.timer.wait("pipeline"):  # the passes, from first op to last, for overlap figures
             for op in self.schedule:
                 getattr(self, op.kind)(op.micro, op.layer)
+            if self.device_timeline is not None:
+                self.device_timeline.synchronize()
         metrics = self.end_micro_batches()
         for p in self.module.parameters():
             if p.grad is None:  # no row reached this worker's experts yet: their gradient is zero
@@ -95,19 +99,32 @@ class Role:
 
     @contextmanager
     def compute(self, label: str, emulated_s: float = 0.0):
-        """Time a compute region; under emulation also hold it until ``emulated_s`` has passed
-        (the real stand-in arithmetic inside counts towards it)."""
-        with self.timer.measure(label):
-            start = time.perf_counter()
-            yield
-            if self.durations is not None:
-                sleep_until(start + emulated_s)
+        """A compute region, timed. Under emulation its device time is ``emulated_s``, queued on
+        the emulated device (``runtime.emulated_device``) while the host goes on: a stage's time
+        is queued where its main arithmetic runs, and its other pieces (norms, router, combine)
+        add host work only, as their kernels would hide under the device's queue on a GPU."""
+        if self.device_timeline is None:
+            with self.timer.measure(label):
+                yield
+            return
+        launched_at = time.time()
+        yield
+        self.device_timeline.launch(emulated_s, launched_at)
+        self.timer.add(label, emulated_s)
 
-    def hold_transfer(self, label: str, seconds: float) -> None:
-        """Under emulation, the rest of a collective's time at the configured shapes."""
-        if self.durations is not None and seconds > 0:
-            with self.timer.wait(label):
-                time.sleep(seconds)
+    @contextmanager
+    def collective(self, label: str, emulated_s: float):
+        """A collective over the stand-in tensors. Under emulation it waits for the device (its
+        input is the device's output) and then lasts ``emulated_s``, the configured shapes'
+        time, of which the stand-in's real collective is part; the hold is timed as ``label``."""
+        if self.device_timeline is None:
+            yield
+            return
+        self.device_timeline.synchronize()
+        started = time.perf_counter()
+        yield
+        with self.timer.wait(label):
+            sleep_until(started + emulated_s)
 
     def _inbound_bandwidth(self, src_gpu: int) -> float:
         return self.durations.bandwidth(self.plan.gpus[src_gpu].node == self.me.node)

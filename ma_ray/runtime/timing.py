@@ -6,7 +6,7 @@ timing adds no synchronisation inside the step. On CPU it is the thread's CPU ti
 torch single-threaded there, and emulated GPUs share a few cores, so wall time would count the
 time a worker waited for a core as its own work. Waits on transfers (``wait``) are wall time on
 both: a blocked wait uses no CPU, and what it costs the step is the time it takes. Emulated
-stages (``parallel.emulation``) are waits of their predicted duration, so they are wall time too.
+stages (``parallel.emulation``) are recorded as the device time they stand for (``add``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import torch
 
 
 class StageTimer:
-    def __init__(self, device: torch.device, wall: bool = False):
-        """``wall``: time compute with the wall clock (emulated stages, which mostly wait)."""
-        self.cuda = device.type == "cuda" and not wall
-        self.clock = time.perf_counter if wall else time.thread_time
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
         self.reset()
 
     def reset(self) -> None:
@@ -39,9 +37,12 @@ class StageTimer:
             end.record()
             self._events.append((label, start, end))
         else:
-            t0 = self.clock()
+            t0 = time.thread_time()
             yield
-            self._host[label] += self.clock() - t0
+            self._host[label] += time.thread_time() - t0
+
+    def add(self, label: str, seconds: float) -> None:
+        self._host[label] += seconds
 
     @contextmanager
     def wait(self, label: str):

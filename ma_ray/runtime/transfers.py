@@ -7,8 +7,9 @@ in flight into a worker. Sends are posted at once and waited for later: a sender
 for its own window would block its compute on the other pool's progress, which in the ping-pong
 schedule is a deadlock (each pool waiting for the other to take an older message).
 
-Under emulation (``parallel.emulation``) each message carries a trailer with the time it was
-posted and the bytes it stands for at the configured shapes; the receiver holds it until it
+Under emulation (``parallel.emulation``) each message carries a trailer with the time its data
+is ready on the sender's emulated device (``runtime.emulated_device``) and the bytes it stands
+for at the configured shapes; the receiver holds it until it
 would have arrived over its inbound link (NVLink from its own node, the network from another),
 messages into one worker arriving one after another.
 """
@@ -31,12 +32,15 @@ def sleep_until(deadline: float, clock: Callable[[], float] = time.perf_counter)
 
 
 class Transfers:
-    def __init__(self, links, max_in_flight: int, link_bytes_per_s: Optional[Callable[[int], float]] = None):
+    def __init__(self, links, max_in_flight: int, link_bytes_per_s: Optional[Callable[[int], float]] = None,
+                 ready_at: Callable[[], float] = time.time):
         """``link_bytes_per_s(src_gpu)``: the emulated inbound bandwidth from ``src_gpu``; None
-        sends the tensors as they are, with no emulated time."""
+        sends the tensors as they are, with no emulated time. ``ready_at()``: when the data a
+        message carries exists on the emulated device (its post time)."""
         self.links = links
         self.max_in_flight = max_in_flight
         self.link_bytes_per_s = link_bytes_per_s
+        self.ready_at = ready_at
         self._link_free = 0.0
 
     @property
@@ -47,7 +51,7 @@ class Transfers:
         """Post ``tensor`` to ``dst_gpu``; returns a handle to ``wait()`` on before the tensor may
         change. ``nbytes``: its size at the configured shapes (emulation only)."""
         if self.emulated:
-            trailer = torch.tensor([time.time(), float(nbytes)], dtype=torch.float64).view(torch.uint8)
+            trailer = torch.tensor([self.ready_at(), float(nbytes)], dtype=torch.float64).view(torch.uint8)
             tensor = torch.cat([tensor.contiguous().view(-1).view(torch.uint8), trailer])
         return self.links.isend(tensor.contiguous(), dst_gpu)
 
