@@ -3,9 +3,9 @@ configured shapes, and the small model that actually runs meanwhile.
 
 With ``emulation.enabled`` the workers run the real model code and collectives on stand-in
 tensors (``wire_config``: the configured heads, experts, layers and topology, with tiny widths and
-a short micro-batch) and hold every stage until its predicted duration has passed. So the
-schedule, routing, placement and every message are real, and the timings the controller sees
-are those of the configured (e.g. paper) shapes.
+a short micro-batch) and queue each stage's predicted duration on an emulated device timeline
+(``runtime.emulated_device``). So the schedule, routing, placement and every message are real,
+and the timings the controller sees are those of the configured (e.g. paper) shapes.
 
 Stage durations come from the time model of ``parallel.workload``: the seed's formula at the
 reference split (``cluster.attention_gpus``), split into per-GPU work terms, evaluated at a
@@ -15,7 +15,7 @@ one third forward and two thirds backward, the usual ratio for matmul-bound laye
 
 Transfers: a message standing for ``n`` bytes at the configured shapes takes ``n / bandwidth``
 on the link between its two GPUs (NVLink within a node, the network between nodes); a worker
-sends its messages one after another (one outgoing link per GPU). Collectives over the attention
+receives its messages one after another (one inbound link per GPU). Collectives over the attention
 pool are rings: an all-gather or reduce-scatter moves ``(k - 1) / k`` of the full tensor over
 each GPU's link, an all-reduce twice that, at the slowest link the ring crosses.
 """

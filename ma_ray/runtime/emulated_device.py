@@ -5,8 +5,8 @@ On a GPU the host only launches kernels; they run in order on the device while t
 would instead add all of its host work (the stand-in's arithmetic, gloo calls, Python) to the
 step, a cost the real system hides under device time. So each emulated stage is queued here:
 
-* ``launch(seconds)`` queues work that starts when the device is free and the host has reached
-  it, and returns at once;
+* ``launch(seconds, launched_at)`` queues work that starts when the device is free and the host
+  has reached it, and returns at once;
 * ``ready_at()`` is when what the device has computed so far exists; a message carries it as its
   post time, so the receiver holds the data until then plus its link time (``runtime.transfers``);
 * ``synchronize()`` blocks the host until the device is idle, before anything that needs the

@@ -9,9 +9,9 @@ schedule is a deadlock (each pool waiting for the other to take an older message
 
 Under emulation (``parallel.emulation``) each message carries a trailer with the time its data
 is ready on the sender's emulated device (``runtime.emulated_device``) and the bytes it stands
-for at the configured shapes; the receiver holds it until it
-would have arrived over its inbound link (NVLink from its own node, the network from another),
-messages into one worker arriving one after another.
+for at the configured shapes; the receiver holds it until it would have arrived over its inbound
+link (NVLink from its own node, the network from another), messages into one worker arriving
+one after another.
 """
 
 from __future__ import annotations
