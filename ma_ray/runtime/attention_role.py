@@ -236,8 +236,9 @@ class AttentionRole(Role):
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch
         order; also waits for the sends this exchange answers, whose buffers can go now."""
         hidden = self.cfg.model.hidden_size
-        pairs = [(torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device), src)
-                 for (src, _), size in zip(self.moe_workers, st["sizes"]) for n in chunk_sizes(size, self.chunk_rows)]
-        chunks = list(self.transfers.receive(pairs, lambda: self.timer.wait("wait_moe")))
+        blocks = [(src, [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device)
+                         for n in chunk_sizes(size, self.chunk_rows)])
+                  for (src, _), size in zip(self.moe_workers, st["sizes"])]
+        chunks = list(self.transfers.receive_blocks(blocks, lambda: self.timer.wait("wait_moe")))
         self.wait_sends(st.pop("sends"), "wait_moe")
         return torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=self.wire_dtype, device=self.device)

@@ -8,12 +8,15 @@ chunk's rows (a batch is one chunk at paper scale, everything at once when all s
 send less than a chunk). Each batch is regrouped expert-major (one matmul per expert over the
 batch's rows), computed, and its outputs go back chunk by chunk while the next batch arrives and
 computes; backward does the same with gradients. Every row's result depends only on its own
-input, so batching changes sums of parameter gradients only in their order (rounding).
+input, so batching changes sums of parameter gradients only in their order (rounding). Each
+source's chunks of an exchange form one block (``runtime.transfers``): under emulation a block
+is one message either way, its chunks timed one by one.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from collections import Counter
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -81,48 +84,58 @@ class MoERole(Role):
         stage = (self.durations.moe_stage_s(self.num_local, total * self.durations.token_scale)
                  if self.durations is not None else 0.0)
         self.state[mb, layer] = dict(batches=[_Batch(b, stage * sum(ch.rows for ch in b) / total, self.device)
-                                              for b in batches])
+                                              for b in batches],
+                                     chunks_per_source=Counter(ch.src for ch in chunks))
 
     def expert_fwd(self, mb: int, layer: int) -> None:
+        st = self.state[mb, layer]
         group = self.stack.groups[layer]
+        arriving = self._arrivals(st["batches"])
+        outbox = self.transfers.outbox(st["chunks_per_source"])
         sends = []
-        for batch in self.state[mb, layer]["batches"]:
-            rows = self._receive(batch)
+        for batch in st["batches"]:
+            rows = torch.cat([next(arriving) for _ in batch.chunks])
             inp = rows.index_select(0, batch.perm).requires_grad_()
             with self.compute("moe", FORWARD_SHARE * batch.emulated_s), self._autocast():
                 out = (checkpoint(group, inp, batch.per_expert, use_reentrant=False) if self.checkpointing
                        else group(inp, batch.per_expert))
             batch.inp, batch.out = inp, out
-            sends += self._send_back(out.detach(), batch)
-        self.state[mb, layer]["sends"] = sends
+            sends += self._send_back(out.detach(), batch, outbox)
+        st["sends"] = sends
 
     def expert_bwd(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer))
         self.wait_sends(st["sends"], "wait_attention")
+        arriving = self._arrivals(st["batches"])
+        outbox = self.transfers.outbox(st["chunks_per_source"])
         sends = []
         for batch in st["batches"]:
-            grad_out = self._receive(batch).index_select(0, batch.perm).to(batch.out.dtype)
+            grad_out = torch.cat([next(arriving) for _ in batch.chunks]).index_select(0, batch.perm)
             with self.compute("moe", (1 - FORWARD_SHARE) * batch.emulated_s):
-                torch.autograd.backward(batch.out, grad_out)
-            sends += self._send_back(grad_of(batch.inp), batch)
+                torch.autograd.backward(batch.out, grad_out.to(batch.out.dtype))
+            sends += self._send_back(grad_of(batch.inp), batch, outbox)
         # The previous request's sends are surely wanted by now; this one's may wait (the step's
         # last until its end), so at most two requests' buffers stay alive.
         self.wait_sends(self.unsent, "wait_attention")
         self.unsent = sends
 
-    def _receive(self, batch: "_Batch") -> torch.Tensor:
-        """The batch's rows (source order, each chunk sorted by expert)."""
-        pairs = [(torch.empty(ch.rows, self.hidden, dtype=self.wire_dtype, device=self.device), ch.src)
-                 for ch in batch.chunks]
-        return torch.cat(list(self.transfers.receive(pairs, self._waiting)))
+    def _arrivals(self, batches: List["_Batch"]) -> Iterator[torch.Tensor]:
+        """The exchange's chunks as they arrive, in source order (each sorted by expert); each
+        source's chunks form one block."""
+        blocks: List[Tuple[int, List[torch.Tensor]]] = []
+        for ch in (ch for batch in batches for ch in batch.chunks):
+            if not blocks or blocks[-1][0] != ch.src:
+                blocks.append((ch.src, []))
+            blocks[-1][1].append(torch.empty(ch.rows, self.hidden, dtype=self.wire_dtype, device=self.device))
+        return self.transfers.receive_blocks(blocks, self._waiting)
 
-    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch") -> List:
+    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch", outbox) -> List:
         """Undo the expert-major regrouping and send each chunk back to its source."""
         expert_major = expert_major.to(self.wire_dtype)
         source_major = torch.empty_like(expert_major)
         source_major[batch.perm] = expert_major
-        return [self.transfers.send(block, ch.src, self.wire_bytes(ch.rows))
-                for block, ch in zip(torch.split(source_major, [ch.rows for ch in batch.chunks]), batch.chunks)]
+        return [handle for block, ch in zip(torch.split(source_major, [ch.rows for ch in batch.chunks]), batch.chunks)
+                for handle in outbox.put(block, ch.src, self.wire_bytes(ch.rows))]
 
 
 class _Chunk:
