@@ -9,8 +9,9 @@ send less than a chunk). Each batch is regrouped expert-major (one matmul per ex
 batch's rows), computed, and its outputs go back chunk by chunk while the next batch arrives and
 computes; backward does the same with gradients. Every row's result depends only on its own
 input, so batching changes sums of parameter gradients only in their order (rounding). Each
-source's chunks of an exchange form one block (``runtime.transfers``): under emulation a block
-is one message either way, its chunks timed one by one.
+source's chunks of an exchange form one block (``runtime.transfers``). Under emulation a block
+is one message and one compute batch, while each chunk's device time is queued as it arrives
+and its result is stamped with when that is done.
 """
 
 from __future__ import annotations
@@ -72,19 +73,27 @@ class MoERole(Role):
             pass
         chunks = [_Chunk(src, per_expert) for src, c in zip(self.sources, counts)
                   for per_expert in _chunk_counts(c.tolist(), self.chunk_rows)]
+        if self.durations is not None:
+            total = sum(ch.rows for ch in chunks)
+            stage = self.durations.moe_stage_s(self.num_local, total * self.durations.token_scale)
+            for chunk in chunks:
+                chunk.emulated_s = stage * chunk.rows / total
         batches, current = [], []
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             current.append(chunk)
-            if sum(ch.rows for ch in current) >= self.chunk_rows:
+            if self.durations is None:
+                full = sum(ch.rows for ch in current) >= self.chunk_rows
+            else:
+                # Emulated device time is queued chunk by chunk as each arrives (``_take``), so
+                # the stand-in arithmetic may run a source's whole block at once: its host cost
+                # per batch is not what a GPU pays, and at paper scale a chunk is one stand-in row.
+                full = i + 1 == len(chunks) or chunks[i + 1].src != chunk.src
+            if full:
                 batches.append(current)
                 current = []
         if current:
             batches.append(current)
-        total = sum(ch.rows for ch in chunks)
-        stage = (self.durations.moe_stage_s(self.num_local, total * self.durations.token_scale)
-                 if self.durations is not None else 0.0)
-        self.state[mb, layer] = dict(batches=[_Batch(b, stage * sum(ch.rows for ch in b) / total, self.device)
-                                              for b in batches],
+        self.state[mb, layer] = dict(batches=[_Batch(b, self.device) for b in batches],
                                      chunks_per_source=Counter(ch.src for ch in chunks))
 
     def expert_fwd(self, mb: int, layer: int) -> None:
@@ -94,13 +103,13 @@ class MoERole(Role):
         outbox = self.transfers.outbox(st["chunks_per_source"])
         sends = []
         for batch in st["batches"]:
-            rows = torch.cat([next(arriving) for _ in batch.chunks])
+            rows, ready = self._take(arriving, batch, FORWARD_SHARE)
             inp = rows.index_select(0, batch.perm).requires_grad_()
-            with self.compute("moe", FORWARD_SHARE * batch.emulated_s), self._autocast():
+            with self.compute("moe"), self._autocast():
                 out = (checkpoint(group, inp, batch.per_expert, use_reentrant=False) if self.checkpointing
                        else group(inp, batch.per_expert))
             batch.inp, batch.out = inp, out
-            sends += self._send_back(out.detach(), batch, outbox)
+            sends += self._send_back(out.detach(), batch, outbox, ready)
         st["sends"] = sends
 
     def expert_bwd(self, mb: int, layer: int) -> None:
@@ -110,10 +119,10 @@ class MoERole(Role):
         outbox = self.transfers.outbox(st["chunks_per_source"])
         sends = []
         for batch in st["batches"]:
-            grad_out = torch.cat([next(arriving) for _ in batch.chunks]).index_select(0, batch.perm)
-            with self.compute("moe", (1 - FORWARD_SHARE) * batch.emulated_s):
-                torch.autograd.backward(batch.out, grad_out.to(batch.out.dtype))
-            sends += self._send_back(grad_of(batch.inp), batch, outbox)
+            grad_out, ready = self._take(arriving, batch, 1 - FORWARD_SHARE)
+            with self.compute("moe"):
+                torch.autograd.backward(batch.out, grad_out.index_select(0, batch.perm).to(batch.out.dtype))
+            sends += self._send_back(grad_of(batch.inp), batch, outbox, ready)
         # The previous request's sends are surely wanted by now; this one's may wait (the step's
         # last until its end), so at most two requests' buffers stay alive.
         self.wait_sends(self.unsent, "wait_attention")
@@ -129,13 +138,23 @@ class MoERole(Role):
             blocks[-1][1].append(torch.empty(ch.rows, self.hidden, dtype=self.wire_dtype, device=self.device))
         return self.transfers.receive_blocks(blocks, self._waiting)
 
-    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch", outbox) -> List:
+    def _take(self, arriving: Iterator[torch.Tensor], batch: "_Batch", share: float):
+        """The batch's rows (source order), and when each chunk's result is ready on the emulated
+        device: its ``share`` of the stage is queued as it arrives (None computing for real)."""
+        parts, ready = [], []
+        for ch in batch.chunks:
+            parts.append(next(arriving))
+            ready.append(self.queue_device("moe", share * ch.emulated_s))
+        return torch.cat(parts), ready
+
+    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch", outbox, ready: List) -> List:
         """Undo the expert-major regrouping and send each chunk back to its source."""
         expert_major = expert_major.to(self.wire_dtype)
         source_major = torch.empty_like(expert_major)
         source_major[batch.perm] = expert_major
-        return [handle for block, ch in zip(torch.split(source_major, [ch.rows for ch in batch.chunks]), batch.chunks)
-                for handle in outbox.put(block, ch.src, self.wire_bytes(ch.rows))]
+        blocks = torch.split(source_major, [ch.rows for ch in batch.chunks])
+        return [handle for block, ch, at in zip(blocks, batch.chunks, ready)
+                for handle in outbox.put(block, ch.src, self.wire_bytes(ch.rows), at)]
 
 
 class _Chunk:
@@ -144,13 +163,14 @@ class _Chunk:
     def __init__(self, src: int, per_expert: List[int]):
         self.src, self.per_expert = src, per_expert
         self.rows = sum(per_expert)
+        self.emulated_s = 0.0  # device seconds of its rows' stage (fwd + bwd), under emulation
 
 
 class _Batch:
     """Consecutive chunks computed together, regrouped expert-major by ``perm``."""
 
-    def __init__(self, chunks: List[_Chunk], emulated_s: float, device: torch.device):
-        self.chunks, self.emulated_s = chunks, emulated_s
+    def __init__(self, chunks: List[_Chunk], device: torch.device):
+        self.chunks = chunks
         num_local = len(chunks[0].per_expert)
         expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(num_local), torch.tensor(ch.per_expert))
                                    for ch in chunks])

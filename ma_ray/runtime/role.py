@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -111,6 +111,15 @@ class Role:
         yield
         self.device_timeline.launch(emulated_s, launched_at)
         self.timer.add(label, emulated_s)
+
+    def queue_device(self, label: str, seconds: float) -> Optional[float]:
+        """Under emulation, queue ``seconds`` of device work whose input is here now, and return
+        when it will be done; None computing for real (work is timed where it runs)."""
+        if self.device_timeline is None:
+            return None
+        self.device_timeline.launch(seconds, time.time())
+        self.timer.add(label, seconds)
+        return self.device_timeline.free_at
 
     @contextmanager
     def collective(self, label: str, emulated_s: float):

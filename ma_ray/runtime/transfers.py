@@ -121,20 +121,21 @@ class Transfers:
 class Outbox:
     """Chunks bound for several workers, each worker's in order, sent as they are put; under
     emulation a worker's chunks go as one message once all of them are in, each stamped with
-    the time it was put (when its data was ready)."""
+    the time its data is ready."""
 
     def __init__(self, transfers: Transfers, chunks_per_dst: Dict[int, int]):
         self.transfers = transfers
         self.expected = dict(chunks_per_dst)
         self._held: Dict[int, List[Tuple[torch.Tensor, Tuple[float, float]]]] = {}
 
-    def put(self, chunk: torch.Tensor, dst_gpu: int, nbytes: float) -> List:
-        """Send (or, under emulation, hold) ``chunk``; returns the handles of what was posted."""
+    def put(self, chunk: torch.Tensor, dst_gpu: int, nbytes: float, ready_at: Optional[float] = None) -> List:
+        """Send (or, under emulation, hold) ``chunk``; returns the handles of what was posted.
+        ``ready_at``: when its data is ready on the emulated device, if not now."""
         t = self.transfers
         if not t.emulated:
             return [t.links.isend(chunk.contiguous(), dst_gpu)]
         held = self._held.setdefault(dst_gpu, [])
-        held.append((chunk, (t.ready_at(), float(nbytes))))
+        held.append((chunk, (t.ready_at() if ready_at is None else ready_at, float(nbytes))))
         if len(held) < self.expected[dst_gpu]:
             return []
         del self._held[dst_gpu]
