@@ -94,28 +94,41 @@ def ray_cluster():
 
 def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
     """Constant stage times from a calibration file (50 ms attention, 80 ms MoE, whatever the
-    split): every stage is held that long, and the stand-in's real arithmetic outside the holds
-    is absorbed by the next hold, so the measured per-stage times are those (plus sleep jitter).
-    Two micro-batches in flight take less time than one, measured on the same machine."""
+    split): every stage is queued on the emulated device for that long, so the measured
+    per-stage times are those. Two micro-batches in flight take less time than one, measured on
+    the same machine. Emulation changes timing, never the numbers: with 3-row chunks, so blocks
+    of several chunks travel as one message, the losses are those of the stand-in model
+    computing for real."""
     calibration = tmp_path / "calibration.yaml"
     calibration.write_text("attn_time_coef: [0.05, 0, 0]\nmoe_time_coef: [0.08, 0, 0]\n")
-    passes = {}
+    passes, losses = {}, {}
+
+    def run(cfg, steps=3):
+        job = TrainingJob(cfg, build_dataset(wire_config(cfg)), torch_threads=1)
+        try:
+            return [job.step(step) for step in range(steps)]
+        finally:
+            job.shutdown()
+
     for in_flight in (1, 2):
         cfg = C.load("cluster/local-cpu.yaml").replace(**{
             "cluster.num_nodes": 2, "cluster.gpus_per_node": 3, "cluster.attention_gpus": 4,
             "balance.min_attention_gpus": 1, "model.num_layers": 2, "train.batch_size": 16,
             "train.gradient_accumulation_steps": 2, "comm.micro_batches_in_flight": in_flight,
+            "comm.communication_chunk_size": 48,  # 512 tokens stand in for 32: 3 stand-in rows
             "emulation.enabled": True, "emulation.calibration_file": str(calibration),
             "emulation.wire_seq_length": 16})
-        job = TrainingJob(cfg, build_dataset(wire_config(cfg)), torch_threads=1)
-        try:
-            rows = [job.step(step) for step in range(3)]
-        finally:
-            job.shutdown()
+        rows = run(cfg)
         for row in rows:
             assert row["t_attention_s"] == pytest.approx(0.05, rel=0.1), row
             assert row["t_moe_s"] == pytest.approx(0.08, rel=0.1), row
             assert math.isfinite(row["loss"]) and 0.0 <= row["overlap_efficiency"] <= 1.0
         passes[in_flight] = min(row["t_passes_s"] for row in rows[1:])  # step 0 warms up
+        losses[in_flight] = [row["loss"] for row in rows]
     # By the analytic model 0.37 s against 0.52 s; this machine's per-message cost adds to both.
     assert passes[2] < 0.85 * passes[1], passes
+
+    real = wire_config(cfg).replace(**{"emulation.enabled": False, "comm.communication_chunk_size": 3})
+    expected = [row["loss"] for row in run(real)]
+    for in_flight in (1, 2):
+        assert losses[in_flight] == pytest.approx(expected, rel=1e-5), (in_flight, losses, expected)
