@@ -7,6 +7,7 @@ import math
 
 import pytest
 import ray
+import torch
 
 from ma_ray import config as C
 from ma_ray.cli import main
@@ -19,6 +20,7 @@ from ma_ray.parallel.placement import make_plan
 from ma_ray.parallel.workload import Workload
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.transfers import pack_block, unpack_block
 
 PAPER = "cluster/paper-16gpu.yaml"
 
@@ -71,6 +73,18 @@ def test_verify_refuses_emulation():
     from ma_ray.verify import verify
     with pytest.raises(ConfigError, match="verify compares real arithmetic"):
         verify(C.load(PAPER, ["emulation.enabled=true"]))
+
+
+def test_block_framing_round_trips_any_row_size():
+    """An emulated block's chunks and stamps come back exactly, also when a chunk's bytes are not
+    a multiple of 8 (bf16 rows of 5 two-wide heads: 20 bytes), so the stamps start unaligned."""
+    chunks = [torch.randn(n, 10).to(torch.bfloat16) for n in (3, 1, 2)]
+    stamps = [(1_790_000_000.123456, 1.5e6), (1_790_000_000.5, 0.0), (1_790_000_001.25, 3e9)]
+    message = pack_block(chunks, stamps)
+    bufs = [torch.empty_like(c) for c in chunks]
+    assert [tuple(s) for s in unpack_block(message, bufs)] == stamps
+    for buf, chunk in zip(bufs, chunks):
+        assert torch.equal(buf, chunk)
 
 
 def test_ideal_pipeline():

@@ -77,9 +77,7 @@ class Transfers:
         return Outbox(self, chunks_per_dst)
 
     def _post_block(self, dst_gpu: int, chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, float]]):
-        stamp = torch.tensor(stamps, dtype=torch.float64).view(-1).view(torch.uint8)
-        payload = torch.cat([c.contiguous().view(-1).view(torch.uint8) for c in chunks] + [stamp])
-        return self.links.isend(payload, dst_gpu)
+        return self.links.isend(pack_block(chunks, stamps), dst_gpu)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -106,12 +104,7 @@ class Transfers:
             if not self.emulated:
                 yield bufs[0]
                 continue
-            stamps = landing[len(landing) - _STAMP_BYTES * len(bufs):].view(torch.float64).view(-1, 2).tolist()
-            offset = 0
-            for buf, (ready, nbytes) in zip(bufs, stamps):
-                size = buf.numel() * buf.element_size()
-                buf.view(-1).view(torch.uint8).copy_(landing[offset:offset + size])
-                offset += size
+            for buf, (ready, nbytes) in zip(bufs, unpack_block(landing, bufs)):
                 self._link_free = max(ready, self._link_free) + nbytes / self.link_bytes_per_s(src)
                 with waiting():
                     sleep_until(self._link_free, time.time)
@@ -140,6 +133,23 @@ class Outbox:
             return []
         del self._held[dst_gpu]
         return [t._post_block(dst_gpu, [c for c, _ in held], [s for _, s in held])]
+
+
+def pack_block(chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, float]]) -> torch.Tensor:
+    """One emulated message: the chunks' bytes, then a (ready at, bytes) float64 pair per chunk."""
+    stamp = torch.tensor(stamps, dtype=torch.float64).view(-1).view(torch.uint8)
+    return torch.cat([c.contiguous().view(-1).view(torch.uint8) for c in chunks] + [stamp])
+
+
+def unpack_block(landing: torch.Tensor, bufs: Sequence[torch.Tensor]) -> List[List[float]]:
+    """Fill ``bufs`` from a ``pack_block`` message; returns its stamps, [ready at, bytes] each."""
+    offset = 0
+    for buf in bufs:
+        size = buf.numel() * buf.element_size()
+        buf.view(-1).view(torch.uint8).copy_(landing[offset:offset + size])
+        offset += size
+    # A copy: the stamps start wherever the chunks end, and float64 views need 8-byte alignment.
+    return landing[offset:].clone().view(torch.float64).view(-1, 2).tolist()
 
 
 def _landing(bufs: Sequence[torch.Tensor]) -> torch.Tensor:
