@@ -7,7 +7,7 @@ achieved / ideal. Every figure is measured in this run; the ideal comes from the
 
 * ``--mode emulated`` (default): the paper preset under ``emulation.enabled`` with
   ``--micro-batches`` micro-batches per step. Stage times of the ideal are the device times the
-  run held (the time model at each worker's actual routed rows; the busiest worker of each pool),
+  run measured (the time model at each worker's actual routed rows; the busiest worker of each pool),
   plus the attention stage's two modelled ring collectives per pass; ``T_c`` is the busiest MoE
   GPU's inbound rows over its links at a uniform router. Goals at m = 4 (issue 5): efficiency
   >= 0.85, achieved / ideal <= 1.10.
@@ -97,7 +97,7 @@ def main() -> None:
     if emulated:
         t_a, t_m, t_c, rings = emulated_stage_times(base)
         print(f"time model at a uniform router (s): T_a={t_a:.4f} (rings {rings:.4f}) T_m={t_m:.4f} "
-              f"T_c={t_c:.4f} (forward share {FORWARD_SHARE:.3f}); the ideal uses the held T_a, T_m")
+              f"T_c={t_c:.4f} (forward share {FORWARD_SHARE:.3f}); the ideal uses the measured T_a, T_m")
     print(f"{'m':>2} {'achieved P (s)':>15} {'ideal (s)':>10} {'achieved/ideal':>15} "
           f"{'overlap eff.':>13} {'ideal eff.':>11} {'step wall (s)':>14}")
     for m in [int(x) for x in args.in_flight.split(",")]:

@@ -130,7 +130,7 @@ class AttentionRole(Role):
         with self.compute("attention"), self._autocast():
             h_slice = side.pre_attention(layer, x)
         h = _leaf(self._gather(h_slice.detach()))
-        # The whole forward stage's emulated time is held here, where the heads compute.
+        # The whole forward stage's emulated time is queued here, where the heads compute.
         with self.compute("attention", self.emulated_fwd), self._autocast():
             h3 = h.view(self.batch, self.seq, -1)
             partial = checkpoint(shard, h3, use_reentrant=False) if self.checkpointing else shard(h3)
