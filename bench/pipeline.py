@@ -5,7 +5,7 @@ dropped as warm-up) and the medians of its passes' wall time ``P`` and overlap e
 printed with the ideal of the same schedule (``ma_ray.parallel.pipeline_model``) and the ratio
 achieved / ideal. Every figure is measured in this run; the ideal comes from the stage times.
 
-* ``--mode emulated`` (default): the paper preset under ``emulation.enabled`` with
+* ``--mode emulated`` (default): the paper preset under ``emulation.modelled_compute`` with
   ``--micro-batches`` micro-batches per step. Stage times of the ideal are the device times the
   run measured (the time model at each worker's actual routed rows; the busiest worker of each pool),
   plus the attention stage's two modelled ring collectives per pass; ``T_c`` is the busiest MoE
@@ -33,7 +33,7 @@ import ray  # noqa: E402
 
 from ma_ray import config as C  # noqa: E402
 from ma_ray.data import build_dataset  # noqa: E402
-from ma_ray.parallel.emulation import FORWARD_SHARE, stage_durations, wire_config  # noqa: E402
+from ma_ray.parallel.emulation import FORWARD_SHARE, stage_durations, stand_in_config  # noqa: E402
 from ma_ray.parallel.pipeline_model import ideal_overlap_efficiency, ideal_step_s  # noqa: E402
 from ma_ray.parallel.placement import make_plan  # noqa: E402
 from ma_ray.parallel.workload import Workload  # noqa: E402
@@ -61,7 +61,7 @@ def emulated_stage_times(cfg):
 
 
 def run(cfg, steps, emulated):
-    dataset = build_dataset(wire_config(cfg) if emulated else cfg)
+    dataset = build_dataset(stand_in_config(cfg) if emulated else cfg)
     job = TrainingJob(cfg, dataset, torch_threads=1)
     try:
         rows = []
@@ -84,7 +84,7 @@ def main() -> None:
     emulated = args.mode == "emulated"
     if emulated:
         mb = args.micro_batches
-        base = C.load("cluster/paper-16gpu.yaml", ["emulation.enabled=true", "cluster.emulate=true",
+        base = C.load("cluster/paper-16gpu.yaml", ["emulation.modelled_compute=true", "cluster.fake_gpus=true",
                                                    f"train.gradient_accumulation_steps={mb}",
                                                    f"train.batch_size={64 * mb}", *args.overrides])
     else:
@@ -101,7 +101,7 @@ def main() -> None:
     print(f"{'m':>2} {'achieved P (s)':>15} {'ideal (s)':>10} {'achieved/ideal':>15} "
           f"{'overlap eff.':>13} {'ideal eff.':>11} {'step wall (s)':>14}")
     for m in [int(x) for x in args.in_flight.split(",")]:
-        cfg = base.replace(**{"comm.micro_batches_in_flight": m})
+        cfg = base.replace(**{"schedule.micro_batches_in_flight": m})
         rows = run(cfg, args.steps, emulated)
         p = statistics.median(r["t_passes_s"] for r in rows)
         eff = statistics.median(r["overlap_efficiency"] for r in rows)

@@ -26,7 +26,7 @@ figure. ``--op-times`` adds each worker's wall time per schedule op (where it wa
 
     /work/venv/bin/python bench/step_overhead.py                     # the RESULTS.md run
     /work/venv/bin/python bench/step_overhead.py --cores 1 --threads single
-    /work/venv/bin/python bench/step_overhead.py --set comm.micro_batches_in_flight=1 --op-times
+    /work/venv/bin/python bench/step_overhead.py --set schedule.micro_batches_in_flight=1 --op-times
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ BENCH_SETTINGS = {
     "cluster.num_nodes": 1,
     "cluster.gpus_per_node": 4,
     "cluster.attention_gpus": 2,
-    "cluster.emulate": True,
+    "cluster.fake_gpus": True,
     "balance.min_attention_gpus": 1,
     "balance.max_attention_gpus": 3,
     "model.num_layers": 4,
@@ -82,7 +82,7 @@ BENCH_SETTINGS = {
     "train.warmup_steps": 10,
     "data.kind": "synthetic",
     # Two micro-batches in flight: one's attention runs while the other's experts do.
-    "comm.micro_batches_in_flight": 2,
+    "schedule.micro_batches_in_flight": 2,
 }
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
 
     cfg = build_config(args.set)
     print(summary_line(cfg))
-    print(f"in flight: {cfg.comm.micro_batches_in_flight} micro-batch(es); machine: {cores} core(s) "
+    print(f"in flight: {cfg.schedule.micro_batches_in_flight} micro-batch(es); machine: {cores} core(s) "
           f"{allowed}, torch {torch.__version__}, ray {ray.__version__}; threads: reference {ref_threads}, "
           f"each worker {worker_threads}")
     print(f"warm-up {args.warmup} step(s) each, {args.reps} timed repetitions, order alternating; "

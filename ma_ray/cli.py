@@ -114,7 +114,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in DIR from its latest checkpoint, on --attention-gpus or its split")
     parser.add_argument("--emulate-compute", action="store_true",
                         help="replace each stage's arithmetic by a wait of its predicted duration at the "
-                             "configured shapes (emulation.enabled; see README, Emulation)")
+                             "configured shapes (emulation.modelled_compute; see README, Emulation)")
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -126,7 +126,7 @@ def _train_run(args: argparse.Namespace) -> int:
         if not Path(args.config).is_file():
             raise UsageError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
     if args.emulate_compute:
-        args.overrides.append("emulation.enabled=true")
+        args.overrides.append("emulation.modelled_compute=true")
     cfg = _run_config(args)
     out = Path(args.out or args.resume or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     resume = Path(args.resume) / "checkpoints" if args.resume else None

@@ -61,8 +61,9 @@ class ClusterConfig:
     num_nodes: int = 4
     gpus_per_node: int = 4
     attention_gpus: int = 12
-    # Start a local Ray cluster whose nodes and GPUs are emulated with fake resources.
-    emulate: bool = False
+    # Start a private local Ray node that advertises the topology's GPUs as fake resources (the
+    # workers then compute on CPU). Says nothing about compute time: see emulation.modelled_compute.
+    fake_gpus: bool = False
     # Ray address to join when not emulating ("auto" = the cluster `ray job submit` runs in).
     address: str = "auto"
     placement_timeout_s: float = 60.0
@@ -95,11 +96,18 @@ class CommConfig:
     sparsification_ratio: float = 0.1
     quantization_bits: int = 8
     compression_overhead: float = 0.05
-    max_concurrent_communications: int = 4
-    communication_chunk_size: int = 1024
     overlap_efficiency_target: float = 0.85
-    micro_batches_in_flight: int = 1
     hierarchical_allreduce: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    """The step schedule: how many micro-batches circulate between the pools at once and how
+    the rows crossing between them are cut into chunks."""
+    micro_batches_in_flight: int = 1
+    # Tokens per pool-to-pool chunk, and receives a worker keeps posted ahead of the one it waits for.
+    communication_chunk_size: int = 1024
+    max_concurrent_communications: int = 4
 
 
 @dataclass
@@ -152,9 +160,9 @@ class MemoryConfig:
 @dataclass
 class EmulationConfig:
     # On: every stage's arithmetic is replaced by a wait of its predicted duration at the shapes
-    # configured above (``parallel.emulation``), while small stand-in tensors of the wire_* shapes
+    # configured above (``parallel.emulation``), while small stand-in tensors of the stand_in_* shapes
     # run the real model code and travel through the real collectives.
-    enabled: bool = False
+    modelled_compute: bool = False
     # YAML with attn_time_coef and moe_time_coef (the seed's formula form, seconds); null = the
     # balance section's coefficients.
     calibration_file: Optional[str] = None
@@ -163,11 +171,11 @@ class EmulationConfig:
     intra_node_gb_per_s: float = 450.0
     inter_node_gb_per_s: float = 50.0
     # Shapes of the stand-in tensors (the model's head and expert counts are kept).
-    wire_head_size: int = 2
-    wire_intermediate_size: int = 8
-    wire_seq_length: int = 64
-    wire_micro_batch_size: int = 2
-    wire_vocab_size: int = 256
+    stand_in_head_size: int = 2
+    stand_in_intermediate_size: int = 8
+    stand_in_seq_length: int = 64
+    stand_in_micro_batch_size: int = 2
+    stand_in_vocab_size: int = 256
 
 
 @dataclass
@@ -177,6 +185,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -265,6 +274,16 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 # --- typed construction ----------------------------------------------------------------------
 
+# Keys that were renamed: a config that still uses the old name gets one line naming the new one.
+RENAMED = {
+    "cluster.emulate": "cluster.fake_gpus",
+    "emulation.enabled": "emulation.modelled_compute",
+    **{f"emulation.wire_{k}": f"emulation.stand_in_{k}"
+       for k in ("head_size", "intermediate_size", "seq_length", "micro_batch_size", "vocab_size")},
+    **{f"comm.{k}": f"schedule.{k}"
+       for k in ("micro_batches_in_flight", "communication_chunk_size", "max_concurrent_communications")},
+}
+
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from nested plain data; unknown keys and wrong types fail."""
     cfg = _build(Config, data, "")
@@ -278,6 +297,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if _join(path, str(key)) in RENAMED:
+            raise ConfigError(f"{_join(path, str(key))}: renamed to {RENAMED[_join(path, str(key))]}")
         if key not in names:
             raise ConfigError(f"{_join(path, str(key))}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
@@ -342,6 +363,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Check every cross-field rule; raises ConfigError naming the first broken one."""
     m, moe, c, b, comm, t = cfg.model, cfg.moe, cfg.cluster, cfg.balance, cfg.comm, cfg.train
+    schedule = cfg.schedule
 
     for path, value in [
         ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
@@ -353,20 +375,20 @@ def validate(cfg: Config) -> None:
         ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes),
         ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
         ("balance.min_attention_gpus", b.min_attention_gpus),
-        ("comm.max_concurrent_communications", comm.max_concurrent_communications),
-        ("comm.communication_chunk_size", comm.communication_chunk_size),
-        ("comm.micro_batches_in_flight", comm.micro_batches_in_flight),
+        ("schedule.max_concurrent_communications", schedule.max_concurrent_communications),
+        ("schedule.communication_chunk_size", schedule.communication_chunk_size),
+        ("schedule.micro_batches_in_flight", schedule.micro_batches_in_flight),
         ("comm.synchronization_timeout_ms", comm.synchronization_timeout_ms),
         ("comm.quantization_bits", comm.quantization_bits),
         ("train.batch_size", t.batch_size), ("train.seq_length", t.seq_length),
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("train.checkpoint_interval", t.checkpoint_interval),
-        ("emulation.wire_head_size", cfg.emulation.wire_head_size),
-        ("emulation.wire_intermediate_size", cfg.emulation.wire_intermediate_size),
-        ("emulation.wire_seq_length", cfg.emulation.wire_seq_length),
-        ("emulation.wire_micro_batch_size", cfg.emulation.wire_micro_batch_size),
-        ("emulation.wire_vocab_size", cfg.emulation.wire_vocab_size),
+        ("emulation.stand_in_head_size", cfg.emulation.stand_in_head_size),
+        ("emulation.stand_in_intermediate_size", cfg.emulation.stand_in_intermediate_size),
+        ("emulation.stand_in_seq_length", cfg.emulation.stand_in_seq_length),
+        ("emulation.stand_in_micro_batch_size", cfg.emulation.stand_in_micro_batch_size),
+        ("emulation.stand_in_vocab_size", cfg.emulation.stand_in_vocab_size),
     ]:
         _require(value >= 1, f"{path}: must be at least 1, got {value}")
 

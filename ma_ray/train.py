@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ma_ray.config import Config
 from ma_ray.data import build_dataset
 from ma_ray.errors import MaRayError
-from ma_ray.parallel.emulation import stage_durations, wire_config
+from ma_ray.parallel.emulation import stage_durations, stand_in_config
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
@@ -32,10 +32,10 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
     """Train up to step ``steps`` (default ``train.num_train_steps``); returns the last metrics."""
     from ma_ray.control.controller import Controller
 
-    if cfg.emulation.enabled:
+    if cfg.emulation.modelled_compute:
         durations = stage_durations(cfg)  # a bad calibration file fails here, before anything starts
         print("emulated compute, time model: " + json.dumps(durations.describe()), flush=True)
-        dataset = build_dataset(wire_config(cfg))  # the stand-in tensors' tokens
+        dataset = build_dataset(stand_in_config(cfg))  # the stand-in tensors' tokens
     else:
         dataset = build_dataset(cfg)
     start = 0
@@ -45,7 +45,7 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
         attention_gpus = meta["attention_gpus"] if attention_gpus is None else attention_gpus
     make_plan(cfg, attention_gpus)  # the split is checked before anything is written
     steps = cfg.train.num_train_steps if steps is None else steps
-    if torch_threads is None and cfg.cluster.emulate:
+    if torch_threads is None and cfg.cluster.fake_gpus:
         torch_threads = 1  # the emulated GPUs share the machine's cores
     connect(cfg.cluster, namespace=cfg.control.namespace)
     name, namespace = cfg.control.name, cfg.control.namespace

@@ -47,8 +47,8 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
     so parameters of any two layouts (or of the reference on another thread count) drift apart
     by more than 1e-5 in places after one step, while losses and gradients agree to ~1e-6.
     """
-    if cfg.emulation.enabled:
-        raise ConfigError("emulation.enabled: verify compares real arithmetic; turn emulation off")
+    if cfg.emulation.modelled_compute:
+        raise ConfigError("emulation.modelled_compute: verify compares real arithmetic; turn emulation off")
     cfg = exact_settings(cfg, precision)
     rebalances = rebalances or {}
     for step, k in rebalances.items():

@@ -111,7 +111,7 @@ def test_error_exit_code_in_a_subprocess():
 
 def test_config_prints_yaml(capsys):
     code, out, _ = run(capsys, "config", "--config", str(LOCAL))
-    assert code == 0 and out.startswith("model:\n") and "emulate: true" in out
+    assert code == 0 and out.startswith("model:\n") and "fake_gpus: true" in out
 
 
 def test_commands_are_registered():

@@ -42,7 +42,7 @@ def test_paper_preset_is_the_defaults():
 
 def test_local_preset_loads():
     cfg = load(LOCAL)
-    assert cfg.cluster.emulate and cfg.model.hidden_size == 64 and cfg.train.mixed_precision == "fp32"
+    assert cfg.cluster.fake_gpus and cfg.model.hidden_size == 64 and cfg.train.mixed_precision == "fp32"
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -148,11 +148,11 @@ AT_LEAST_ONE = [
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.attention_head_size",
     "model.intermediate_size", "model.max_position_embeddings", "model.vocab_size", "moe.num_experts",
     "moe.top_k", "cluster.num_nodes", "cluster.gpus_per_node", "balance.rebalancing_interval", "balance.min_attention_gpus",
-    "comm.max_concurrent_communications", "comm.communication_chunk_size", "comm.micro_batches_in_flight",
+    "schedule.max_concurrent_communications", "schedule.communication_chunk_size", "schedule.micro_batches_in_flight",
     "comm.synchronization_timeout_ms", "comm.quantization_bits", "train.batch_size", "train.seq_length",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.checkpoint_interval",
-    "emulation.wire_head_size", "emulation.wire_intermediate_size", "emulation.wire_seq_length",
-    "emulation.wire_micro_batch_size", "emulation.wire_vocab_size",
+    "emulation.stand_in_head_size", "emulation.stand_in_intermediate_size", "emulation.stand_in_seq_length",
+    "emulation.stand_in_micro_batch_size", "emulation.stand_in_vocab_size",
 ]
 
 
@@ -366,7 +366,7 @@ def test_cli_error_in_a_subprocess_has_no_traceback():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "ma-ray: error: unknown: unknown key (known: balance, cluster, comm, control, " \
-                          "data, emulation, memory, model, moe, train)\n"
+                          "data, emulation, memory, model, moe, schedule, train)\n"
 
 
 # --- ma-ray config ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ FINE = Config().replace(**{"model.num_attention_heads": 64, "model.attention_hea
 
 
 def pipelined(cfg: Config, p: int) -> Config:
-    return cfg.replace(**{"comm.micro_batches_in_flight": p})
+    return cfg.replace(**{"schedule.micro_batches_in_flight": p})
 
 
 # --- the synthetic truth -----------------------------------------------------------------------

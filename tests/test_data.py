@@ -196,7 +196,7 @@ def test_batches_do_not_depend_on_the_cluster_split(text_file):
     reference = build_dataset(make_cfg(**data))
     for split in [{"cluster.attention_gpus": 10}, {"cluster.attention_gpus": 14},
                   {"cluster.num_nodes": 2, "cluster.gpus_per_node": 8},
-                  {"cluster.emulate": True, "balance.enabled": False}]:
+                  {"cluster.fake_gpus": True, "balance.enabled": False}]:
         other = build_dataset(make_cfg(**data, **split))
         for step in (0, 3):
             for i in range(2):

@@ -13,7 +13,7 @@ from ma_ray import config as C
 from ma_ray.cli import main
 from ma_ray.config import ConfigError
 from ma_ray.data import build_dataset
-from ma_ray.parallel.emulation import stage_durations, wire_config
+from ma_ray.parallel.emulation import stage_durations, stand_in_config
 from ma_ray.parallel.pipeline_model import ideal_overlap_efficiency, ideal_pass_s, ideal_step_s
 from ma_ray.parallel.time_model import predict_stage_times
 from ma_ray.parallel.placement import make_plan
@@ -41,8 +41,8 @@ def test_time_model_is_the_seed_formula_at_the_reference_split():
 
 
 def test_stand_in_keeps_the_layout_and_shrinks_the_tensors():
-    cfg = C.load(PAPER, ["emulation.enabled=true"])
-    w = wire_config(cfg)
+    cfg = C.load(PAPER, ["emulation.modelled_compute=true"])
+    w = stand_in_config(cfg)
     for key in ("num_layers", "num_attention_heads"):
         assert getattr(w.model, key) == getattr(cfg.model, key)
     assert (w.moe.num_experts, w.moe.top_k, w.train.gradient_accumulation_steps) == (16, 2, 16)
@@ -72,7 +72,7 @@ def test_train_rejects_a_bad_calibration_before_writing(tmp_path, capsys):
 def test_verify_refuses_emulation():
     from ma_ray.verify import verify
     with pytest.raises(ConfigError, match="verify compares real arithmetic"):
-        verify(C.load(PAPER, ["emulation.enabled=true"]))
+        verify(C.load(PAPER, ["emulation.modelled_compute=true"]))
 
 
 def test_block_framing_round_trips_any_row_size():
@@ -118,7 +118,7 @@ def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
     passes, losses = {}, {}
 
     def run(cfg, steps=3):
-        job = TrainingJob(cfg, build_dataset(wire_config(cfg)), torch_threads=1)
+        job = TrainingJob(cfg, build_dataset(stand_in_config(cfg)), torch_threads=1)
         try:
             return [job.step(step) for step in range(steps)]
         finally:
@@ -128,10 +128,10 @@ def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
         cfg = C.load("cluster/local-cpu.yaml").replace(**{
             "cluster.num_nodes": 2, "cluster.gpus_per_node": 3, "cluster.attention_gpus": 4,
             "balance.min_attention_gpus": 1, "model.num_layers": 2, "train.batch_size": 16,
-            "train.gradient_accumulation_steps": 2, "comm.micro_batches_in_flight": in_flight,
-            "comm.communication_chunk_size": 48,  # 512 tokens stand in for 32: 3 stand-in rows
-            "emulation.enabled": True, "emulation.calibration_file": str(calibration),
-            "emulation.wire_seq_length": 16})
+            "train.gradient_accumulation_steps": 2, "schedule.micro_batches_in_flight": in_flight,
+            "schedule.communication_chunk_size": 48,  # 512 tokens stand in for 32: 3 stand-in rows
+            "emulation.modelled_compute": True, "emulation.calibration_file": str(calibration),
+            "emulation.stand_in_seq_length": 16})
         rows = run(cfg)
         for row in rows:
             assert row["t_attention_s"] == pytest.approx(0.05, rel=0.1), row
@@ -142,7 +142,7 @@ def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
     # By the analytic model 0.37 s against 0.52 s; this machine's per-message cost adds to both.
     assert passes[2] < 0.85 * passes[1], passes
 
-    real = wire_config(cfg).replace(**{"emulation.enabled": False, "comm.communication_chunk_size": 3})
+    real = stand_in_config(cfg).replace(**{"emulation.modelled_compute": False, "schedule.communication_chunk_size": 3})
     expected = [row["loss"] for row in run(real)]
     for in_flight in (1, 2):
         assert losses[in_flight] == pytest.approx(expected, rel=1e-5), (in_flight, losses, expected)

@@ -2,7 +2,7 @@
 
 A real Ray head (not ``ray.init()``'s private cluster) with 4 fake GPUs and the dashboard's job
 server, started from this venv so the job's entrypoint finds ``ma-ray`` on the head's PATH. The
-job joins that cluster (``cluster.emulate: false``, ``address: auto``), reserves one node x 4
+job joins that cluster (``cluster.fake_gpus: false``, ``address: auto``), reserves one node x 4
 GPUs with a STRICT_SPREAD placement group, trains 3 steps, and writes ``metrics.jsonl``.
 
 Isolation from every other Ray on the machine (other test modules' ``ray.init()`` clusters, other

@@ -304,7 +304,7 @@ def test_checkpointing_and_scaling():
 
 def test_micro_batches_in_flight_multiply_saved_activations():
     cfg = Config()
-    two = cfg.replace(**{"comm.micro_batches_in_flight": 2})
+    two = cfg.replace(**{"schedule.micro_batches_in_flight": 2})
     for make in (lambda c: M.attention_activations(c, 3, 12), lambda c: M.moe_activations(c, 4)):
         one, both = make(cfg), make(two)
         assert both.full_bytes() == 2 * one.full_bytes()

@@ -62,7 +62,7 @@ def test_local_preset_matches_reference():
     # 5 attention GPUs (2,1,1,1,1 heads) and a single MoE GPU holding every expert; no drops.
     dict(k=5, over={"moe.top_k": 2, "moe.capacity_factor": 4.0, "moe.norm_topk_prob": True}),
     # 3 attention GPUs, 3 micro-batches of which 2 are in flight at once (groups of 2 and 1).
-    dict(k=3, over={"comm.micro_batches_in_flight": 2, "train.batch_size": 9,
+    dict(k=3, over={"schedule.micro_batches_in_flight": 2, "train.batch_size": 9,
                     "train.gradient_accumulation_steps": 3, "moe.capacity_factor": 0.75}),
     # One token per step routed top-1: one of the two MoE GPUs receives nothing at all.
     dict(k=4, over={"moe.top_k": 1, "train.seq_length": 1, "train.micro_batch_size": 1,
@@ -80,8 +80,8 @@ def test_pipelined_chunked_schedule_matches_reference(in_flight, k):
     """m micro-batches in flight, transfers in chunks of 3 rows with 2 receives posted ahead: the
     MoE workers compute several batches per layer and every message is split, yet the training
     is the reference's. 4 micro-batches, so m = 3 leaves a group of one."""
-    cfg = small(**{"comm.micro_batches_in_flight": in_flight, "comm.communication_chunk_size": 3,
-                   "comm.max_concurrent_communications": 2, "train.batch_size": 12,
+    cfg = small(**{"schedule.micro_batches_in_flight": in_flight, "schedule.communication_chunk_size": 3,
+                   "schedule.max_concurrent_communications": 2, "train.batch_size": 12,
                    "train.gradient_accumulation_steps": 4, "moe.capacity_factor": 0.75})
     report = verify(cfg, attention_gpus=k, steps=2)
     assert report["attention_gpus"] == k

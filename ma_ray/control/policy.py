@@ -24,7 +24,7 @@ optimizer steps completed so far), or whenever the caller passes ``force=True``:
    predictor's stage times:
 
    * step time ``S(k) = stages * max(T_a, T_m, (T_a + T_m) / p)``, ``stages`` = micro-batches x
-     layers per step, ``p`` = ``comm.micro_batches_in_flight``. A closed two-stage cycle with
+     layers per step, ``p`` = ``schedule.micro_batches_in_flight``. A closed two-stage cycle with
      ``p`` micro-batches circulating runs at the slower pool's rate once ``p`` is enough to keep
      both busy, and at the sum of the two when ``p`` = 1 (the pools take turns): with today's
      schedule (``p`` = 1) the best split minimises ``T_a + T_m``; with pipelining it balances

@@ -1,8 +1,8 @@
 """Paper-scale emulation: how long each stage and transfer of a worker would take at the
 configured shapes, and the small model that actually runs meanwhile.
 
-With ``emulation.enabled`` the workers run the real model code and collectives on stand-in
-tensors (``wire_config``: the configured heads, experts, layers and topology, with tiny widths and
+With ``emulation.modelled_compute`` the workers run the real model code and collectives on stand-in
+tensors (``stand_in_config``: the configured heads, experts, layers and topology, with tiny widths and
 a short micro-batch) and queue each stage's predicted duration on an emulated device timeline
 (``runtime.emulated_device``). So the schedule, routing, placement and every message are real,
 and the timings the controller sees are those of the configured (e.g. paper) shapes.
@@ -36,24 +36,24 @@ from ma_ray.parallel.workload import Workload
 FORWARD_SHARE = 1.0 / 3.0  # of a stage's time; backward takes the rest
 
 
-def wire_config(cfg: Config) -> Config:
+def stand_in_config(cfg: Config) -> Config:
     """The configuration the workers really compute with under emulation: the same layers, heads,
-    experts, routing and topology, with the ``emulation.wire_*`` widths and micro-batch."""
+    experts, routing and topology, with the ``emulation.stand_in_*`` widths and micro-batch."""
     e, m = cfg.emulation, cfg.model
-    tokens = e.wire_seq_length * e.wire_micro_batch_size
+    tokens = e.stand_in_seq_length * e.stand_in_micro_batch_size
     capacity = cfg.moe.expert_capacity
     if capacity is not None:  # keep the fixed capacity's share of a micro-batch's rows
         capacity = max(1, round(capacity * tokens / tokens_per_micro_batch(cfg)))
     return cfg.replace(**{
-        "model.hidden_size": m.num_attention_heads * e.wire_head_size,
-        "model.attention_head_size": e.wire_head_size,
-        "model.intermediate_size": e.wire_intermediate_size,
-        "model.vocab_size": e.wire_vocab_size,
-        "model.max_position_embeddings": e.wire_seq_length,
+        "model.hidden_size": m.num_attention_heads * e.stand_in_head_size,
+        "model.attention_head_size": e.stand_in_head_size,
+        "model.intermediate_size": e.stand_in_intermediate_size,
+        "model.vocab_size": e.stand_in_vocab_size,
+        "model.max_position_embeddings": e.stand_in_seq_length,
         "moe.expert_capacity": capacity,
-        "train.seq_length": e.wire_seq_length,
-        "train.micro_batch_size": e.wire_micro_batch_size,
-        "train.batch_size": e.wire_micro_batch_size * cfg.train.gradient_accumulation_steps,
+        "train.seq_length": e.stand_in_seq_length,
+        "train.micro_batch_size": e.stand_in_micro_batch_size,
+        "train.batch_size": e.stand_in_micro_batch_size * cfg.train.gradient_accumulation_steps,
         "data.kind": "synthetic", "data.path": None,
     })
 
@@ -115,9 +115,9 @@ class StageDurations:
     def bandwidth(self, same_node: bool) -> float:
         return self.intra_node_bytes_per_s if same_node else self.inter_node_bytes_per_s
 
-    def rows_bytes(self, wire_rows: int) -> float:
-        """Bytes at the configured shapes of ``wire_rows`` stand-in activation rows."""
-        return wire_rows * self.token_scale * self.hidden_size * self.activation_bytes
+    def rows_bytes(self, stand_in_rows: int) -> float:
+        """Bytes at the configured shapes of ``stand_in_rows`` stand-in activation rows."""
+        return stand_in_rows * self.token_scale * self.hidden_size * self.activation_bytes
 
     def ring_s(self, full_bytes: float, members: int, same_node: bool) -> float:
         """An all-gather or reduce-scatter of a ``full_bytes`` tensor over a ring of ``members``."""
@@ -148,12 +148,12 @@ def stage_durations(cfg: Config) -> StageDurations:
     (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.seed_prior()
     ref = work.shape(work.reference_k)
     precision = precision_of(cfg)
-    wire_tokens = e.wire_seq_length * e.wire_micro_batch_size
+    stand_in_tokens = e.stand_in_seq_length * e.stand_in_micro_batch_size
     return StageDurations(
         attention_terms=(a0, a_heads, a_tokens), moe_terms=(m0, m_experts, m_rows),
         reference=(ref.heads, ref.tokens, ref.experts, ref.rows),
         coefficients=(list(cfg.balance.attn_time_coef), list(cfg.balance.moe_time_coef)), source=source,
-        token_scale=tokens_per_micro_batch(cfg) / wire_tokens, hidden_size=cfg.model.hidden_size,
+        token_scale=tokens_per_micro_batch(cfg) / stand_in_tokens, hidden_size=cfg.model.hidden_size,
         activation_bytes=precision.activation_bytes,
         replicated_grad_bytes=attention_replicated_params(cfg) * precision.grad_bytes,
         intra_node_bytes_per_s=e.intra_node_gb_per_s * 1e9, inter_node_bytes_per_s=e.inter_node_gb_per_s * 1e9)

@@ -38,7 +38,7 @@ Activations (bytes that autograd keeps for the backward pass, one micro-batch in
     transient buffer: the attention GPU's partial output projection of the whole micro-batch
     before its reduce-scatter, the MoE GPU's outgoing expert outputs. Not counted: CUDA context,
     NCCL and cuBLAS workspaces and allocator fragmentation (together typically a few GB). With
-    ``comm.micro_batches_in_flight`` > 1 (the pipelined schedule) every in-flight micro-batch keeps
+    ``schedule.micro_batches_in_flight`` > 1 (the pipelined schedule) every in-flight micro-batch keeps
     its own saved activations, so those are multiplied by it (the one layer being recomputed and
     the workspace are not); the presets use 1.
 
@@ -258,7 +258,7 @@ def attention_activations(cfg: Config, num_heads: int, attention_gpus: int,
     workspace = [Term("partial O projection of the whole micro-batch (reduce-scatter buffer)",
                       tokens * hidden * a)]
     return ActivationModel(tuple(per_layer), tuple(outside), tuple(workspace), m.num_layers,
-                           cfg.comm.micro_batches_in_flight)
+                           cfg.schedule.micro_batches_in_flight)
 
 
 def moe_activations(cfg: Config, num_experts: int) -> ActivationModel:
@@ -272,7 +272,7 @@ def moe_activations(cfg: Config, num_experts: int) -> ActivationModel:
         Term("GELU output (fc2 input)", rows * m.intermediate_size * a),
     ]
     workspace = [Term("expert outputs to send back", rows * m.hidden_size * a)]
-    return ActivationModel(tuple(per_layer), (), tuple(workspace), m.num_layers, cfg.comm.micro_batches_in_flight)
+    return ActivationModel(tuple(per_layer), (), tuple(workspace), m.num_layers, cfg.schedule.micro_batches_in_flight)
 
 
 # --- per-GPU estimate ------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class Workload:
         self.capacity = expert_capacity(cfg)
         self.reference_k = cfg.cluster.attention_gpus if reference_k is None else reference_k
         self.stages_per_step = t.gradient_accumulation_steps * m.num_layers
-        self.micro_batches_in_flight = cfg.comm.micro_batches_in_flight
+        self.micro_batches_in_flight = cfg.schedule.micro_batches_in_flight
         # Flops per head (whole micro-batch) and per token of a slice, forward; only their ratio
         # is used (backward multiplies both by about the same factor).
         d, hidden, seq = m.attention_head_size, m.hidden_size, t.seq_length

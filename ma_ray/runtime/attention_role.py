@@ -160,8 +160,8 @@ class AttentionRole(Role):
         blocks, sends = self._split_by_worker(st["rows"], st["per_expert"]), []
         for (dst, experts), block in zip(self.moe_workers, blocks):
             sends.append(self.transfers.send(st["per_expert"][experts].to(torch.int64), dst))
-            sends += self.transfers.send_chunks(block.detach().to(self.wire_dtype), dst, self.chunk_rows,
-                                                self.wire_bytes)
+            sends += self.transfers.send_chunks(block.detach().to(self.transfer_dtype), dst, self.chunk_rows,
+                                                self.modelled_bytes)
         st["sizes"] = [b.shape[0] for b in blocks]
         st["sends"] = sends
 
@@ -192,8 +192,8 @@ class AttentionRole(Role):
         st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
         blocks = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
         st["sends"] = [ticket for (dst, _), block in zip(self.moe_workers, blocks)
-                       for ticket in self.transfers.send_chunks(block.to(self.wire_dtype), dst, self.chunk_rows,
-                                                                self.wire_bytes)]
+                       for ticket in self.transfers.send_chunks(block.to(self.transfer_dtype), dst, self.chunk_rows,
+                                                                self.modelled_bytes)]
 
     def dispatch_bwd(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
@@ -236,9 +236,9 @@ class AttentionRole(Role):
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch
         order; also waits for the sends this exchange answers, whose buffers can go now."""
         hidden = self.cfg.model.hidden_size
-        blocks = [(src, [torch.empty(n, hidden, dtype=self.wire_dtype, device=self.device)
+        blocks = [(src, [torch.empty(n, hidden, dtype=self.transfer_dtype, device=self.device)
                          for n in chunk_sizes(size, self.chunk_rows)])
                   for (src, _), size in zip(self.moe_workers, st["sizes"])]
         chunks = list(self.transfers.receive_blocks(blocks, lambda: self.timer.wait("wait_moe")))
         self.wait_sends(st.pop("sends"), "wait_moe")
-        return torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=self.wire_dtype, device=self.device)
+        return torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=self.transfer_dtype, device=self.device)

@@ -31,7 +31,7 @@ def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str
     """Attach to Ray: the running session if any, a new emulated node, or ``cluster.address``."""
     if ray.is_initialized():
         return
-    if cluster_cfg.emulate:
+    if cluster_cfg.fake_gpus:
         # A private single-machine cluster: no token to share with anyone.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=cluster_cfg.num_nodes * cluster_cfg.gpus_per_node,
@@ -54,7 +54,7 @@ def reserve_gpus(cluster_cfg):
     """A ready placement group of one ``gpus_per_node``-GPU bundle per node; bundle i is node i."""
     c = cluster_cfg
     need = f"{c.num_nodes} node(s) x {c.gpus_per_node} GPU(s) = {c.num_nodes * c.gpus_per_node} GPUs"
-    strategy = "PACK" if c.emulate else "STRICT_SPREAD"
+    strategy = "PACK" if c.fake_gpus else "STRICT_SPREAD"
     pg = placement_group([{"GPU": c.gpus_per_node}] * c.num_nodes, strategy=strategy)
     try:
         ray.get(pg.ready(), timeout=c.placement_timeout_s)

@@ -2,7 +2,7 @@
 workers route to them.
 
 Each attention worker sends, per layer and micro-batch, a count per expert of this worker and
-then its rows sorted by expert, in chunks of ``comm.communication_chunk_size`` tokens. The worker
+then its rows sorted by expert, in chunks of ``schedule.communication_chunk_size`` tokens. The worker
 takes the chunks in source order and groups consecutive ones into compute batches of at least a
 chunk's rows (a batch is one chunk at paper scale, everything at once when all sources together
 send less than a chunk). Each batch is regrouped expert-major (one matmul per expert over the
@@ -135,7 +135,7 @@ class MoERole(Role):
         for ch in (ch for batch in batches for ch in batch.chunks):
             if not blocks or blocks[-1][0] != ch.src:
                 blocks.append((ch.src, []))
-            blocks[-1][1].append(torch.empty(ch.rows, self.hidden, dtype=self.wire_dtype, device=self.device))
+            blocks[-1][1].append(torch.empty(ch.rows, self.hidden, dtype=self.transfer_dtype, device=self.device))
         return self.transfers.receive_blocks(blocks, self._waiting)
 
     def _take(self, arriving: Iterator[torch.Tensor], batch: "_Batch", share: float):
@@ -149,12 +149,12 @@ class MoERole(Role):
 
     def _send_back(self, expert_major: torch.Tensor, batch: "_Batch", outbox, ready: List) -> List:
         """Undo the expert-major regrouping and send each chunk back to its source."""
-        expert_major = expert_major.to(self.wire_dtype)
+        expert_major = expert_major.to(self.transfer_dtype)
         source_major = torch.empty_like(expert_major)
         source_major[batch.perm] = expert_major
         blocks = torch.split(source_major, [ch.rows for ch in batch.chunks])
         return [handle for block, ch, at in zip(blocks, batch.chunks, ready)
-                for handle in outbox.put(block, ch.src, self.wire_bytes(ch.rows), at)]
+                for handle in outbox.put(block, ch.src, self.modelled_bytes(ch.rows), at)]
 
 
 class _Chunk:

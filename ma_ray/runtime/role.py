@@ -48,19 +48,19 @@ class Role:
         self.module.to(device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
         self.timer = StageTimer(device)
-        comm = cfg.comm
-        self.transfers = (Transfers(links, comm.max_concurrent_communications) if durations is None else
-                          Transfers(links, comm.max_concurrent_communications, self._inbound_bandwidth,
+        schedule = cfg.schedule
+        self.transfers = (Transfers(links, schedule.max_concurrent_communications) if durations is None else
+                          Transfers(links, schedule.max_concurrent_communications, self._inbound_bandwidth,
                                     self.device_timeline.ready_at))
         # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
         scale = durations.token_scale if durations is not None else 1.0
-        self.chunk_rows = max(1, round(comm.communication_chunk_size / scale))
+        self.chunk_rows = max(1, round(schedule.communication_chunk_size / scale))
         self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps,
-                                     cfg.comm.micro_batches_in_flight)
+                                     cfg.schedule.micro_batches_in_flight)
         bf16 = cfg.train.mixed_precision == "bf16"
         self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         # Activations and their gradients cross between the pools in this dtype.
-        self.wire_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
+        self.transfer_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class Role:
     def _inbound_bandwidth(self, src_gpu: int) -> float:
         return self.durations.bandwidth(self.plan.gpus[src_gpu].node == self.me.node)
 
-    def wire_bytes(self, rows: int) -> float:
+    def modelled_bytes(self, rows: int) -> float:
         """Bytes that ``rows`` activation rows stand for (0 when computing for real)."""
         return self.durations.rows_bytes(rows) if self.durations is not None else 0.0
 

@@ -16,7 +16,7 @@ Attention worker, per micro-batch:
 MoE worker, per micro-batch: per layer: expert_recv (row counts), expert_fwd (receive, compute and
 send back, chunk batch by chunk batch); per layer in reverse: expert_bwd (the same for gradients).
 
-Micro-batches in flight (``comm.micro_batches_in_flight`` = k): the micro-batches of a step go in
+Micro-batches in flight (``schedule.micro_batches_in_flight`` = k): the micro-batches of a step go in
 groups of k. Within a group, each micro-batch's list above is cut before every op that waits
 for the MoE pool (combine, dispatch_bwd), and the pieces are taken round-robin: micro-batch 1's
 attention runs while the MoE pool computes micro-batch 0's experts, and the other way round.

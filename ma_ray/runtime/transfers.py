@@ -1,5 +1,5 @@
 """Point-to-point traffic between the pools: chunked sends posted without waiting, and receives
-posted at most ``comm.max_concurrent_communications`` ahead of the one a worker waits for.
+posted at most ``schedule.max_concurrent_communications`` ahead of the one a worker waits for.
 
 Both the CPU backend (gloo's unbound buffers) and NCCL move a message only once its receiver has
 posted the receive (a rendezvous), so the receiving side's window is what bounds the transfers
@@ -9,7 +9,7 @@ schedule is a deadlock (each pool waiting for the other to take an older message
 
 Traffic is organised in blocks: everything one worker sends another for one exchange (a
 micro-batch's rows of one layer, or their gradients), cut into chunks of
-``comm.communication_chunk_size`` tokens. Computing for real, every chunk is its own message.
+``schedule.communication_chunk_size`` tokens. Computing for real, every chunk is its own message.
 
 Under emulation (``parallel.emulation``) a block's chunks travel as one message, and its trailer
 gives each chunk the time its data is ready on the sender's emulated device

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from ma_ray.comm.cpu_backend import ensure_registered
-from ma_ray.parallel.emulation import stage_durations, wire_config
+from ma_ray.parallel.emulation import stage_durations, stand_in_config
 from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.links import Links, worker_name
 from ma_ray.runtime.migration import merge, names_of, owned_state, payload_bytes, restrict
@@ -45,8 +45,8 @@ class Worker:
         self.close()
         ensure_registered()
         # Under emulation the plan and the waits follow ``cfg``; the tensors, the stand-in's shapes.
-        durations = stage_durations(cfg) if cfg.emulation.enabled else None
-        cfg = wire_config(cfg) if cfg.emulation.enabled else cfg
+        durations = stage_durations(cfg) if cfg.emulation.modelled_compute else None
+        cfg = stand_in_config(cfg) if cfg.emulation.modelled_compute else cfg
         self.cfg = cfg
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
