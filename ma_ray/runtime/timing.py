@@ -18,6 +18,16 @@ from typing import Dict, List, Tuple
 
 import torch
 
+# Timer labels: what a worker's ``timings`` report holds, in seconds per step.
+ATTENTION_COMPUTE = "attention"  # an attention worker's compute
+MOE_COMPUTE = "moe"  # a MoE worker's compute
+ATTENTION_COLLECTIVES = "comm_attention"  # the attention pool's own all-gathers, reduce-scatters, all-reduce
+WAIT_MOE = "wait_moe"  # an attention worker waiting for the MoE pool's transfers
+WAIT_ATTENTION = "wait_attention"  # a MoE worker waiting for the attention pool's transfers
+PASSES = "pipeline"  # wall time of the forward and backward passes, first op to last
+GRAD_SYNC = "grad_sync"  # end-of-step gradient synchronisation
+OPTIMIZER = "optimizer"  # the AdamW step
+
 
 class StageTimer:
     def __init__(self, device: torch.device):
