@@ -51,7 +51,8 @@ from ma_ray import config as config_mod  # noqa: E402
 from ma_ray.data import build_dataset  # noqa: E402
 from ma_ray.model.reference_trainer import ReferenceTrainer  # noqa: E402
 from ma_ray.runtime.cluster import connect  # noqa: E402
-from ma_ray.runtime.job import TrainingJob, summarize  # noqa: E402
+from ma_ray.runtime.job import TrainingJob  # noqa: E402
+from ma_ray.runtime.step_metrics import summarize  # noqa: E402
 
 # The configuration: compute-dominated (hidden 256, 4 layers, seq 256), 2 + 2 emulated GPUs.
 BENCH_SETTINGS = {
