@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
-from typing import List
+from dataclasses import dataclass, field
+from typing import Dict, List
 
 
-def summarize(cfg, plan, results: List[dict]) -> dict:
+@dataclass
+class WorkerStepResult:
+    """What one worker reports of a step. The loss parts are this worker's share (attention
+    workers: their token slice; zero on MoE workers); ``timings`` are seconds per timer label
+    (``runtime.timing``)."""
+
+    grad_norm: float
+    lr: float
+    timings: Dict[str, float] = field(default_factory=dict)
+    loss_share: float = 0.0
+    ce_share: float = 0.0
+    aux_share: float = 0.0
+    z_share: float = 0.0
+    dropped_fraction: float = 0.0
+
+
+def summarize(cfg, plan, results: List[WorkerStepResult]) -> dict:
     """Per-step metrics from the workers' results (listed in global-id order)."""
     attn = [r for g, r in zip(plan.gpus, results) if g.is_attention]
     moe = [r for g, r in zip(plan.gpus, results) if not g.is_attention]
     stages = cfg.train.gradient_accumulation_steps * cfg.model.num_layers
     # A pool is as slow as its slowest worker; a stage is one layer of one micro-batch, fwd + bwd.
-    t_attn = max(r["timings"].get("attention", 0.0) for r in attn) / stages
-    t_moe = max(r["timings"].get("moe", 0.0) for r in moe) / stages
+    t_attn = max(r.timings.get("attention", 0.0) for r in attn) / stages
+    t_moe = max(r.timings.get("moe", 0.0) for r in moe) / stages
     # The attention pool's work includes its own all-gathers and reduce-scatters.
-    busy_attn = max(r["timings"].get("attention", 0.0) + r["timings"].get("comm_attention", 0.0) for r in attn)
-    passes = max(r["timings"].get("pipeline", 0.0) for r in results)
+    busy_attn = max(r.timings.get("attention", 0.0) + r.timings.get("comm_attention", 0.0) for r in attn)
+    passes = max(r.timings.get("pipeline", 0.0) for r in results)
     return {
-        "loss": sum(r["loss_share"] for r in attn),
-        "ce": sum(r["ce_share"] for r in attn),
-        "aux": sum(r["aux_share"] for r in attn),
-        "z": sum(r["z_share"] for r in attn),
-        "grad_norm": attn[0]["grad_norm"],
-        "dropped_fraction": attn[0]["dropped_fraction"],
-        "lr": attn[0]["lr"],
+        "loss": sum(r.loss_share for r in attn),
+        "ce": sum(r.ce_share for r in attn),
+        "aux": sum(r.aux_share for r in attn),
+        "z": sum(r.z_share for r in attn),
+        "grad_norm": attn[0].grad_norm,
+        "dropped_fraction": attn[0].dropped_fraction,
+        "lr": attn[0].lr,
         "t_attention_s": t_attn,
         "t_moe_s": t_moe,
         "imbalance": abs(t_attn - t_moe) / max(t_attn, t_moe, 1e-12),
