@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Optional
+from typing import Any, List, Literal, Optional, Tuple
 
 import yaml
 
@@ -459,22 +459,19 @@ def validate(cfg: Config) -> None:
              "data.path: required when data.kind is bin")
 
 
-def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs", within_policy: bool = True) -> None:
+def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs", within_policy: bool = True,
+                policy_range: Optional[Tuple[int, int]] = None) -> None:
     """Raise ConfigError unless the topology and model hold ``attention_gpus`` and (``within_policy``)
-    it is within [balance.min_attention_gpus, balance.max_attention_gpus]."""
-    b, m, moe = cfg.balance, cfg.model, cfg.moe
-    total = cfg.total_gpus
-    moe_gpus = total - attention_gpus
-    _require(not within_policy or b.min_attention_gpus <= attention_gpus <= b.max_attention_gpus,
-             f"{key}: {attention_gpus} is outside [balance.min_attention_gpus, balance.max_attention_gpus] "
-             f"= [{b.min_attention_gpus}, {b.max_attention_gpus}]")
-    _require(attention_gpus >= 1, f"{key}: must be at least 1, got {attention_gpus}")
-    _require(attention_gpus <= total,
-             f"{key}: {attention_gpus} is more than the {total} GPUs of the topology "
-             f"(cluster.num_nodes x cluster.gpus_per_node)")
-    _require(moe_gpus >= 1,
-             f"{key}: {attention_gpus} leaves {moe_gpus} MoE GPUs of the {total} in the topology; at least 1 is needed")
-    _require(moe_gpus <= moe.num_experts,
-             f"{key}: {attention_gpus} leaves {moe_gpus} MoE GPUs for only {moe.num_experts} experts (moe.num_experts)")
-    _require(attention_gpus <= m.num_attention_heads,
-             f"{key}: {attention_gpus} attention GPUs exceed the {m.num_attention_heads} heads (model.num_attention_heads)")
+    it is within ``policy_range`` (default [balance.min_attention_gpus, balance.max_attention_gpus]).
+    The rule itself is ``ma_ray.parallel.split.split_error``."""
+    # Imported here: ma_ray.parallel's package imports this module.
+    from ma_ray.parallel.split import split_error
+
+    if not within_policy:
+        policy_range = None
+    elif policy_range is None:
+        policy_range = (cfg.balance.min_attention_gpus, cfg.balance.max_attention_gpus)
+    problem = split_error(attention_gpus, cfg.total_gpus, cfg.model.num_attention_heads, cfg.moe.num_experts,
+                          key=key, policy_range=policy_range)
+    if problem is not None:
+        raise ConfigError(problem)

@@ -78,7 +78,8 @@ def test_plan_table_in_process(capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["plan", "--attention-gpus", "15"], "--attention-gpus: 15 is outside [balance.min_attention_gpus"),
+    (["plan", "--attention-gpus", "15"], "--attention-gpus: 15 is outside the policy's range [8, 14] of attention GPUs "
+                                         "(balance.min_attention_gpus, balance.max_attention_gpus)"),
     (["plan", "--attention-gpus", "7"], "--attention-gpus: 7 is outside"),
     (["plan", "--attention-gpus", "twelve"], "argument --attention-gpus: invalid int value"),
     # a 3 x 4 cluster cannot give 12 GPUs to attention and keep a MoE GPU

@@ -228,8 +228,8 @@ def test_expert_capacity_null_or_positive():
 @pytest.mark.parametrize("k", [7, 15])
 def test_attention_gpus_outside_policy_range(k):
     message = error_of([f"cluster.attention_gpus={k}"])
-    assert f"cluster.attention_gpus: {k} is outside [balance.min_attention_gpus, " \
-           f"balance.max_attention_gpus] = [8, 14]" in message
+    assert message == (f"cluster.attention_gpus: {k} is outside the policy's range [8, 14] of attention GPUs "
+                       f"(balance.min_attention_gpus, balance.max_attention_gpus)")
 
 
 def test_min_greater_than_max():
@@ -331,6 +331,18 @@ def test_check_split_names_the_key():
         check_split(Config(), 15, key="--attention-gpus")
     check_split(Config(), 8)
     check_split(Config(), 14)
+
+
+def test_check_split_with_another_policy_range():
+    """The controller's rebalance checks against its live policy's range, not the config's."""
+    with pytest.raises(ConfigError) as exc:
+        check_split(Config(), 12, key="rebalance", policy_range=(2, 5))
+    assert str(exc.value) == ("rebalance: 12 is outside the policy's range [2, 5] of attention GPUs "
+                              "(balance.min_attention_gpus, balance.max_attention_gpus)")
+    check_split(Config(), 3, key="rebalance", policy_range=(2, 5))  # outside the config's [8, 14]
+    check_split(Config(), 15, within_policy=False)
+    with pytest.raises(ConfigError, match=r"^rebalance: 16 leaves 0 MoE GPUs"):
+        check_split(Config(), 16, key="rebalance", policy_range=(2, 16))
 
 
 # --- the same through the CLI: one line on stderr, exit code 2 ------------------------------------

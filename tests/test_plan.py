@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ma_ray.config import Config, ConfigError, load
+from ma_ray.config import Config, ConfigError, check_split, load
 from ma_ray.parallel import ATTENTION, MOE, Slot, diff_plans, make_plan, place, predict_stage_times
 from ma_ray.parallel import memory as M
 from ma_ray.parallel.shares import balanced_ranges, share_counts
+from ma_ray.parallel.split import feasible as split_feasible, split_error
+from ma_ray.parallel.workload import Workload
 from ma_ray.parallel.time_model import attention_time, moe_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,15 +147,57 @@ def test_make_plan_checks_the_split():
 
 
 @pytest.mark.parametrize("args, match", [
-    ((4, 4, 16, 32, 16), "attention GPUs must be in"),
-    ((4, 4, 0, 32, 16), "attention GPUs must be in"),
-    ((4, 4, 12, 8, 16), "only 8 heads"),
-    ((4, 4, 8, 32, 4), "only 4 experts"),
+    ((4, 4, 16, 32, 16), "attention GPUs: 16 leaves 0 MoE GPUs of the 16 in the topology"),
+    ((4, 4, 17, 32, 16), "attention GPUs: 17 is more than the 16 GPUs of the topology"),
+    ((4, 4, 0, 32, 16), "attention GPUs: must be at least 1, got 0"),
+    ((4, 4, 12, 8, 16), r"attention GPUs: 12 attention GPUs exceed the 8 heads \(model.num_attention_heads\)"),
+    ((4, 4, 8, 32, 4), r"attention GPUs: 8 leaves 8 MoE GPUs for only 4 experts \(moe.num_experts\)"),
     ((0, 4, 2, 32, 16), "at least one node"),
 ])
 def test_place_rejects_impossible_splits(args, match):
     with pytest.raises(ValueError, match=match):
         place(*args)
+
+
+# --- the one split rule ---------------------------------------------------------------------------
+
+def test_split_rule_by_hand():
+    # 2 x 4 GPUs, 5 heads, 6 experts: k needs k <= 5 heads, 8 - k <= 6 experts, both pools non-empty.
+    assert [k for k in range(-1, 11) if split_feasible(k, 8, 5, 6)] == [2, 3, 4, 5]
+    assert split_error(3, 8, 5, 6) is None
+    assert split_error(4, 8, 5, 6, key="K", policy_range=(2, 3)) == (
+        "K: 4 is outside the policy's range [2, 3] of attention GPUs "
+        "(balance.min_attention_gpus, balance.max_attention_gpus)")
+    assert split_error(6, 8, 5, 6, key="K") == "K: 6 attention GPUs exceed the 5 heads (model.num_attention_heads)"
+    assert split_error(1, 8, 5, 6, key="K") == "K: 1 leaves 7 MoE GPUs for only 6 experts (moe.num_experts)"
+
+
+def _error_of(call):
+    try:
+        call()
+    except ValueError as exc:  # ConfigError is a ValueError
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+def test_config_planner_and_workload_ask_the_same_rule(name):
+    """check_split, make_plan, place and Workload.feasible accept exactly the same splits, with
+    the same message for the others; make_plan adds the policy range."""
+    cfg = TOPOLOGIES[name]
+    c, heads, experts = cfg.cluster, cfg.model.num_attention_heads, cfg.moe.num_experts
+    lo, hi = cfg.balance.min_attention_gpus, cfg.balance.max_attention_gpus
+    work = Workload(cfg)
+    accepted = []
+    for k in range(-1, cfg.total_gpus + 2):
+        want = split_error(k, cfg.total_gpus, heads, experts)
+        assert work.feasible(k) == (want is None), k
+        assert _error_of(lambda: check_split(cfg, k, within_policy=False)) == want, k
+        assert _error_of(lambda: make_plan(cfg, k, within_policy=False)) == want, k
+        assert _error_of(lambda: place(c.num_nodes, c.gpus_per_node, k, heads, experts)) == want, k
+        if _error_of(lambda: make_plan(cfg, k)) is None:
+            accepted.append(k)
+    assert accepted == [k for k in work.splits() if lo <= k <= hi] == list(range(lo, hi + 1))
 
 
 # --- plan diff ------------------------------------------------------------------------------------

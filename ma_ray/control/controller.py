@@ -20,7 +20,7 @@ from typing import List, Optional
 import ray
 from ray.util import metrics as ray_metrics
 
-from ma_ray.config import Config, ConfigError, check_split
+from ma_ray.config import Config, check_split
 from ma_ray.control.migration_cost import MigrationCostModel
 from ma_ray.control.policy import BalancingPolicy
 from ma_ray.control.predictor import StageTimePredictor
@@ -195,10 +195,8 @@ class Controller:
         ConfigError and change nothing."""
         with self.lock:
             p = self.policy.params
-            if not p.min_attention_gpus <= attention_gpus <= p.max_attention_gpus:
-                raise ConfigError(f"rebalance: {attention_gpus} is outside the policy's range "
-                                  f"[{p.min_attention_gpus}, {p.max_attention_gpus}] of attention GPUs")
-        check_split(self.cfg, attention_gpus, key="rebalance", within_policy=False)
+            policy_range = (p.min_attention_gpus, p.max_attention_gpus)  # the live policy's, not the config's
+        check_split(self.cfg, attention_gpus, key="rebalance", policy_range=policy_range)
         with self.lock:
             self.pending_split = attention_gpus
         return {"scheduled": attention_gpus, "after_step": self.step}

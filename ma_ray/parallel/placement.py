@@ -32,7 +32,8 @@ Heads and experts
     most one and larger shares come first (32 heads over 12 GPUs: 3 x 8 then 2 x 4).
 
 ``place`` is the pure function of the numbers; ``make_plan`` takes a config and first checks
-the split against the balancing policy and the model with ``ma_ray.config.check_split``.
+the split against the balancing policy and the model with ``ma_ray.config.check_split``. Both
+apply the one rule of ``ma_ray.parallel.split``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ma_ray.config import Config, check_split
 from ma_ray.parallel.shares import balanced_ranges
+from ma_ray.parallel.split import split_error
 
 ATTENTION = "attention"
 MOE = "moe"
@@ -170,12 +172,9 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     if num_nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"topology must have at least one node and one GPU per node, "
                          f"got {num_nodes} x {gpus_per_node}")
-    if not 1 <= attention_gpus < total:
-        raise ValueError(f"attention GPUs must be in [1, {total - 1}] for {total} GPUs, got {attention_gpus}")
-    if attention_gpus > num_heads:
-        raise ValueError(f"{attention_gpus} attention GPUs for only {num_heads} heads")
-    if moe_gpus > num_experts:
-        raise ValueError(f"{moe_gpus} MoE GPUs for only {num_experts} experts")
+    problem = split_error(attention_gpus, total, num_heads, num_experts)
+    if problem is not None:
+        raise ValueError(problem)
 
     moe_order = moe_slots(num_nodes, gpus_per_node, moe_gpus)
     taken = set(moe_order)

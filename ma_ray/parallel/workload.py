@@ -56,6 +56,7 @@ from typing import List, Optional, Sequence, Tuple
 from ma_ray.config import Config
 from ma_ray.parallel.memory import expert_capacity, tokens_per_micro_batch
 from ma_ray.parallel.placement import place
+from ma_ray.parallel.split import feasible as split_feasible, split_error
 from ma_ray.parallel.time_model import attention_time, moe_time
 
 ATTENTION_TERMS = ("constant", "heads", "tokens", "bytes")
@@ -107,8 +108,10 @@ class Workload:
         self.attn_time_coef = tuple(float(c) for c in cfg.balance.attn_time_coef)
         self.moe_time_coef = tuple(float(c) for c in cfg.balance.moe_time_coef)
         self._experts_of = lru_cache(maxsize=None)(self._experts_of_uncached)
-        if not self.feasible(self.reference_k):
-            raise ValueError(f"reference split {self.reference_k} does not fit the topology and model")
+        problem = split_error(self.reference_k, self.total_gpus, self.num_heads, self.num_experts,
+                              key="reference split (cluster.attention_gpus)")
+        if problem is not None:
+            raise ValueError(problem)
         self._reference = self.shape(self.reference_k)
 
     # -- identity -----------------------------------------------------------------------------
@@ -123,8 +126,7 @@ class Workload:
 
     def feasible(self, k: int) -> bool:
         """Whether the topology and model can hold ``k`` attention GPUs (policy range aside)."""
-        return (1 <= k < self.total_gpus and k <= self.num_heads
-                and self.total_gpus - k <= self.num_experts)
+        return split_feasible(k, self.total_gpus, self.num_heads, self.num_experts)
 
     def splits(self) -> List[int]:
         """Every feasible ``k``, ascending."""
