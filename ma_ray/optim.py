@@ -16,6 +16,9 @@ from torch import nn
 
 from ma_ray.model.naming import GlobalSlice
 
+# torch.optim.AdamW's per-parameter moment buffers: the optimizer state that travels by global name.
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
 
 def decays(global_name: str) -> bool:
     return not (global_name.endswith("bias") or ".ln" in global_name or global_name.startswith("final_ln"))

@@ -12,7 +12,7 @@ import ray
 
 from ma_ray import config as C
 from ma_ray.data import build_dataset
-from ma_ray.model.compare import parameter_error
+from ma_ray.verify.compare import parameter_error
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob

@@ -14,7 +14,8 @@ import ray
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.runtime.cluster import ClusterError, connect
-from ma_ray.runtime.job import StepFailed, TrainingJob
+from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, verify
 
 LOCAL = "cluster/local-cpu.yaml"
@@ -125,9 +126,9 @@ def test_dead_worker_fails_the_step_with_a_named_error():
     try:
         job.step(0)
         victim = job.plan.moe_workers()[0]
-        ray.kill(job.workers[victim.slot])
+        ray.kill(job.workers.actors[victim.slot])
         t0 = time.monotonic()
-        with pytest.raises(StepFailed) as err:
+        with pytest.raises(WorkerCallFailed) as err:
             job.step(1)
         assert time.monotonic() - t0 < 60
     finally:

@@ -16,44 +16,31 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
-from ma_ray.model.attention import AttentionShard
-from ma_ray.model.attention_side import AttentionSideParams
-from ma_ray.model.naming import prefixed
+from ma_ray.model.stacks import AttentionStack
 from ma_ray.parallel.emulation import FORWARD_SHARE
 from ma_ray.parallel.placement import ATTENTION
 from ma_ray.parallel.shares import balanced_ranges
+from ma_ray.runtime import schedule as S
 from ma_ray.runtime.role import Role, grad_of
-from ma_ray.runtime.transfers import chunk_sizes
+from ma_ray.runtime.step_metrics import WorkerStepResult
+from ma_ray.runtime.timing import ATTENTION_COLLECTIVES, ATTENTION_COMPUTE, WAIT_MOE
+from ma_ray.runtime.transport import chunk_sizes
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()
 
 
-class AttentionStack(nn.Module):
-    def __init__(self, cfg, heads):
-        super().__init__()
-        self.side = AttentionSideParams(cfg)
-        self.shards = nn.ModuleList(AttentionShard(cfg.model, heads) for _ in range(cfg.model.num_layers))
-
-    def global_slices(self):
-        out = list(prefixed(self.side.global_slices(), "side"))
-        for layer, shard in enumerate(self.shards):
-            out += prefixed(shard.global_slices(layer), f"shards.{layer}")
-        return out
-
-
 class AttentionRole(Role):
     kind = ATTENTION
 
-    def __init__(self, cfg, plan, me, links, device, dataset, durations=None):
+    def __init__(self, cfg, plan, me, links, device, transport, durations, dataset):
         stack = AttentionStack(cfg, me.heads)
-        super().__init__(cfg, plan, me, links, device, stack, stack.global_slices(), durations)
+        super().__init__(cfg, plan, me, links, device, transport, durations, stack, stack.global_slices())
         self.stack = stack
         self.dataset = dataset
         t, moe = cfg.train, cfg.moe
@@ -66,19 +53,21 @@ class AttentionRole(Role):
         self.capacity = R.capacity(self.tokens, moe.top_k, moe.num_experts, moe.capacity_factor, moe.expert_capacity)
         self.accum = t.gradient_accumulation_steps
         self.moe_workers = [(w.gpu, list(w.experts)) for w in plan.moe_workers()]
-        self.checkpointing = t.activation_checkpointing and device.type == "cuda"
         # A replicated parameter's gradient is summed over the pool; rank 0 counts it in the norm.
         self.side_params = list(self.stack.side.parameters())
-        if durations is not None:
-            stage = durations.attention_stage_s(len(me.heads), (self.hi - self.lo) * durations.token_scale)
-            self.emulated_fwd, self.emulated_bwd = FORWARD_SHARE * stage, (1 - FORWARD_SHARE) * stage
-            one_node = len({w.node for w in plan.attention_workers()}) == 1
-            # One all-gather or reduce-scatter of a micro-batch's hidden states over the pool.
-            self.emulated_ring = durations.ring_s(durations.rows_bytes(self.tokens), plan.attention_gpus, one_node)
-            self.emulated_allreduce = 2 * durations.ring_s(durations.replicated_grad_bytes, plan.attention_gpus,
-                                                           one_node)
-        else:
-            self.emulated_fwd = self.emulated_bwd = self.emulated_ring = self.emulated_allreduce = 0.0
+        # Modelled seconds (zero computing for real): this worker's stage, split forward and
+        # backward, and one all-gather or reduce-scatter of a micro-batch's hidden states, and
+        # the all-reduce of the replicated gradients, over the pool's ring.
+        stage = durations.attention_stage_s(len(me.heads), (self.hi - self.lo) * durations.token_scale)
+        self.modelled_fwd, self.modelled_bwd = FORWARD_SHARE * stage, (1 - FORWARD_SHARE) * stage
+        one_node = len({w.node for w in plan.attention_workers()}) == 1
+        self.modelled_ring = durations.ring_s(durations.rows_bytes(self.tokens), plan.attention_gpus, one_node)
+        self.modelled_allreduce = 2 * durations.ring_s(durations.replicated_grad_bytes, plan.attention_gpus, one_node)
+
+    def op_handlers(self):
+        return {S.EMBED: self.embed, S.ATTN_FWD: self.attn_fwd, S.DISPATCH: self.dispatch, S.COMBINE: self.combine,
+                S.HEAD: self.head, S.COMBINE_BWD: self.combine_bwd, S.DISPATCH_BWD: self.dispatch_bwd,
+                S.ATTN_BWD: self.attn_bwd, S.EMBED_BWD: self.embed_bwd}
 
     # -- per-step state ---------------------------------------------------------------------
 
@@ -89,17 +78,17 @@ class AttentionRole(Role):
         self.losses = torch.zeros(3, dtype=torch.float64)  # ce, aux, z: this slice's share
         self.dropped = 0  # (token, slot) assignments past capacity, whole micro-batches
 
-    def end_micro_batches(self):
+    def end_micro_batches(self) -> WorkerStepResult:
         ce, aux, z = self.losses.tolist()
         m = self.cfg.moe
         assignments = self.tokens * self.top_k * self.accum * self.cfg.model.num_layers
-        return {"loss_share": ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
-                "ce_share": ce, "aux_share": aux, "z_share": z, "dropped_fraction": self.dropped / assignments}
+        return WorkerStepResult(grad_norm=0.0, lr=0.0, loss_share=ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
+                                ce_share=ce, aux_share=aux, z_share=z, dropped_fraction=self.dropped / assignments)
 
     def synchronize_gradients(self) -> None:
         grads = [p.grad for p in self.side_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        with self.collective("comm_attention", self.emulated_allreduce):
+        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_allreduce):
             self.links.allreduce_attention(flat)
         offset = 0
         for g in grads:
@@ -116,31 +105,31 @@ class AttentionRole(Role):
 
     def embed(self, mb: int, _layer: int) -> None:
         ids, targets = self.dataset.micro_batch(self.step, mb)
-        flat_ids = ids.reshape(-1)[self.lo:self.hi].to(self.device)
-        positions = (torch.arange(self.lo, self.hi) % self.seq).to(self.device)
-        with self.compute("attention"), self._autocast():
+        flat_ids = ids.reshape(-1)[self.lo:self.hi].to(self.torch_device)
+        positions = (torch.arange(self.lo, self.hi) % self.seq).to(self.torch_device)
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             x = self.stack.side.embed(flat_ids, positions)
         self.state[mb, "embed"] = x
-        self.state[mb, "targets"] = targets.reshape(-1)[self.lo:self.hi].to(self.device)
+        self.state[mb, "targets"] = targets.reshape(-1)[self.lo:self.hi].to(self.torch_device)
         self.x[mb, 0] = _leaf(x)
 
     def attn_fwd(self, mb: int, layer: int) -> None:
         side, shard = self.stack.side, self.stack.shards[layer]
         x = self.x[mb, layer]
-        with self.compute("attention"), self._autocast():
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             h_slice = side.pre_attention(layer, x)
         h = _leaf(self._gather(h_slice.detach()))
-        # The whole forward stage's emulated time is queued here, where the heads compute.
-        with self.compute("attention", self.emulated_fwd), self._autocast():
+        # The whole forward stage's modelled time is queued here, where the heads compute.
+        with self.device.compute(ATTENTION_COMPUTE, self.modelled_fwd), self._autocast():
             h3 = h.view(self.batch, self.seq, -1)
             partial = checkpoint(shard, h3, use_reentrant=False) if self.checkpointing else shard(h3)
         a = _leaf(self._scatter(partial.detach().view(self.tokens, -1)))
-        with self.compute("attention"), self._autocast():
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
-        with self.collective("comm_attention", 0.0):  # a few bytes a token: no time to emulate
+        with self.device.collective(ATTENTION_COLLECTIVES):  # a few bytes a token: no time to model
             all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
-        with self.compute("attention"):
+        with self.device.compute(ATTENTION_COMPUTE):
             keep_all = R.capacity_keep(all_idx, self.num_experts, self.capacity)
             keep = keep_all[self.lo:self.hi]
             counts = R.expert_counts(all_idx, self.num_experts, self.seq, self.cfg.moe.seq_aux)
@@ -159,9 +148,8 @@ class AttentionRole(Role):
         st = self.state[mb, layer, "fwd"]
         blocks, sends = self._split_by_worker(st["rows"], st["per_expert"]), []
         for (dst, experts), block in zip(self.moe_workers, blocks):
-            sends.append(self.transfers.send(st["per_expert"][experts].to(torch.int64), dst))
-            sends += self.transfers.send_chunks(block.detach().to(self.transfer_dtype), dst, self.chunk_rows,
-                                                self.modelled_bytes)
+            sends.append(self.transport.send(st["per_expert"][experts].to(torch.int64), dst))
+            sends += self.transport.send_chunks(block.detach().to(self.transfer_dtype), dst, self.modelled_bytes)
         st["sizes"] = [b.shape[0] for b in blocks]
         st["sends"] = sends
 
@@ -169,7 +157,7 @@ class AttentionRole(Role):
         st = self.state[mb, layer, "fwd"]
         out = _leaf(self._receive_from_moe(st))
         x1, topk_prob = _leaf(st["x1"]), _leaf(st["topk_prob"])
-        with self.compute("attention"), self._autocast():
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             y = D.combine(self.hi - self.lo, out, st["order"], topk_prob, self.top_k)
             x2 = self.stack.side.post_moe(x1, y)
         self.state[mb, layer, "combine"] = dict(out=out, x1=x1, topk_prob=topk_prob, x2=x2)
@@ -177,7 +165,7 @@ class AttentionRole(Role):
 
     def head(self, mb: int, _layer: int) -> None:
         x = self.x[mb, self.cfg.model.num_layers]
-        with self.compute("attention"), self._autocast():
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             ce = self.stack.side.ce_sum(x, self.state.pop((mb, "targets"))) / (self.tokens * self.accum)
             ce.backward()
         self.losses[0] += float(ce.detach())
@@ -187,18 +175,18 @@ class AttentionRole(Role):
     def combine_bwd(self, mb: int, layer: int) -> None:
         c = self.state.pop((mb, layer, "combine"))
         st = self.state[mb, layer, "fwd"]
-        with self.compute("attention"):
+        with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(c["x2"], self.x.pop((mb, layer + 1)).grad)
         st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
         blocks = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
         st["sends"] = [ticket for (dst, _), block in zip(self.moe_workers, blocks)
-                       for ticket in self.transfers.send_chunks(block.to(self.transfer_dtype), dst, self.chunk_rows,
+                       for ticket in self.transport.send_chunks(block.to(self.transfer_dtype), dst,
                                                                 self.modelled_bytes)]
 
     def dispatch_bwd(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
         grad_rows = self._receive_from_moe(st)
-        with self.compute("attention"):
+        with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(
                 [st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
                 [st["x1_grad"], st["topk_prob_grad"], grad_rows.to(st["rows"].dtype),
@@ -207,14 +195,14 @@ class AttentionRole(Role):
     def attn_bwd(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer, "fwd"))
         grad_partial = self._gather(st["a"].grad)
-        with self.compute("attention", self.emulated_bwd):
+        with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
             torch.autograd.backward(st["partial"], grad_partial.view_as(st["partial"]))
         grad_h_slice = self._scatter(st["h"].grad)
-        with self.compute("attention"):
+        with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(st["h_slice"], grad_h_slice)
 
     def embed_bwd(self, mb: int, _layer: int) -> None:
-        with self.compute("attention"):
+        with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(self.state.pop((mb, "embed")), self.x.pop((mb, 0)).grad)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -225,20 +213,22 @@ class AttentionRole(Role):
         return list(torch.split(rows, sizes))
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        with self.collective("comm_attention", self.emulated_ring):
+        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
             return self.links.gather_tokens(local, self.slice_sizes)
 
     def _scatter(self, full: torch.Tensor) -> torch.Tensor:
-        with self.collective("comm_attention", self.emulated_ring):
+        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
             return self.links.scatter_tokens(full, self.slice_sizes)
 
     def _receive_from_moe(self, st) -> torch.Tensor:
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch
         order; also waits for the sends this exchange answers, whose buffers can go now."""
         hidden = self.cfg.model.hidden_size
-        blocks = [(src, [torch.empty(n, hidden, dtype=self.transfer_dtype, device=self.device)
+        blocks = [(src, [torch.empty(n, hidden, dtype=self.transfer_dtype, device=self.torch_device)
                          for n in chunk_sizes(size, self.chunk_rows)])
                   for (src, _), size in zip(self.moe_workers, st["sizes"])]
-        chunks = list(self.transfers.receive_blocks(blocks, lambda: self.timer.wait("wait_moe")))
-        self.wait_sends(st.pop("sends"), "wait_moe")
-        return torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=self.transfer_dtype, device=self.device)
+        chunks = list(self.transport.receive_blocks(blocks, lambda: self.timer.wait(WAIT_MOE)))
+        self.wait_sends(st.pop("sends"), WAIT_MOE)
+        if not chunks:
+            return torch.empty(0, hidden, dtype=self.transfer_dtype, device=self.torch_device)
+        return torch.cat(chunks)

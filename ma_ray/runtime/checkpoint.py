@@ -20,8 +20,6 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-import ray
-
 from ma_ray.errors import MaRayError
 
 LATEST = "latest"
@@ -38,7 +36,7 @@ def save(job, root: Path, step: int, extra: Optional[dict] = None) -> Path:
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        nbytes = sum(ray.get([w.save_shard.remote(str(tmp)) for w in job.workers.values()]))
+        nbytes = job.save_shards(str(tmp))
         meta = {"step": step, "attention_gpus": job.plan.attention_gpus, "plan": job.plan.to_dict(),
                 "config": job.cfg.to_dict(), "bytes": nbytes, **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -1,9 +1,10 @@
-"""The driver's handle on a running MA-separated job: the placement group, one worker actor per
-GPU slot, and one call per worker per step.
+"""The driver's handle on a running MA-separated job: the placement group, the worker group (one
+actor per GPU slot, ``runtime.worker_group``), and the plan they run.
 
 It only moves scalars (losses, timings): tensors cross between workers through the collective
-groups. ``export`` is the exception, for verification and checkpoints: it gathers parameters,
-gradients or optimizer moments by global name.
+groups. ``export`` is the exception, for verification: it gathers parameters, gradients or
+optimizer moments by global name. Every call to the workers goes through the worker group, so
+every wait is bounded and a failure names the workers it happened on.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
@@ -23,10 +23,9 @@ from ma_ray.runtime.cluster import reserve_gpus
 from ma_ray.runtime.links import worker_name
 from ma_ray.runtime.step_metrics import summarize
 from ma_ray.runtime.worker import Worker
+from ma_ray.runtime.worker_group import WorkerGroup
 
-
-class StepFailed(RuntimeError):
-    """Some workers failed a step; the message names each and its first error line."""
+CLOSE_TIMEOUT_S = 30.0  # shutting down is best effort: the actors are killed after it
 
 
 class TrainingJob:
@@ -39,20 +38,16 @@ class TrainingJob:
         self.pg = reserve_gpus(cfg.cluster)
         c = cfg.cluster
         self.slots = list(itertools.product(range(c.num_nodes), range(c.gpus_per_node)))
-        self.workers = {
-            slot: Worker.options(
-                num_gpus=1, num_cpus=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot[0]),
-            ).remote(torch_threads)
-            for slot in self.slots
-        }
+        grace_s = 2 * cfg.comm.synchronization_timeout_ms / 1000 + 5
+        self.workers = WorkerGroup(Worker, self.pg, self.slots, cfg.control.worker_timeout_s, grace_s,
+                                   self._describe, actor_args=(torch_threads,))
         self._dataset_ref = ray.put(dataset)
-        self.info = self._setup(checkpoint)
+        self.workers.become(lambda slot: ((self.cfg, self.plan, slot, self.name, self.generation,
+                                           self._dataset_ref), {"checkpoint": checkpoint}))
 
-    def _setup(self, checkpoint: Optional[str] = None) -> List[dict]:
-        return ray.get([w.become.remote(self.cfg, self.plan, slot, self.name, self.generation, self._dataset_ref,
-                                        checkpoint=checkpoint)
-                        for slot, w in self.workers.items()])
+    def _describe(self, slot) -> str:
+        """A slot's worker as errors name it: its place and its role in the current plan."""
+        return f"{worker_name(*slot)} ({self.plan.at_slot(slot).role})"
 
     def apply_split(self, attention_gpus: int) -> dict:
         """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
@@ -66,55 +61,38 @@ class TrainingJob:
         if diff.is_empty:
             return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0}
         # Every worker cuts its state for every slot; slot j's parts are return value j of each.
-        cuts = {slot: w.export_for.options(num_returns=len(self.slots)).remote(new_plan, self.slots)
-                for slot, w in self.workers.items()}
+        cuts = self.workers.export_for(new_plan, self.slots)
         self.generation += 1
-        ray.get([w.become.remote(self.cfg, new_plan, slot, self.name, self.generation, self._dataset_ref,
-                                 [cuts[src][j] for src in self.slots])
-                 for j, (slot, w) in enumerate(self.workers.items())])
+        index = {slot: j for j, slot in enumerate(self.slots)}
+        self.workers.become(lambda slot: ((self.cfg, new_plan, slot, self.name, self.generation, self._dataset_ref,
+                                           [cuts[src][index[slot]] for src in self.slots]), {}))
         self.plan = new_plan
         return {"attention_gpus": attention_gpus, "pause_s": time.perf_counter() - t0,
                 "moved_heads": len(diff.head_moves), "moved_experts": len(diff.expert_moves),
                 "role_changes": len(diff.role_changes)}
 
-    def _by_gpu(self):
-        """Workers in global-id order of the current plan."""
-        return [self.workers[g.slot] for g in self.plan.gpus]
-
-    def step(self, step: int) -> dict:
-        """Run one optimizer step on every worker; returns the loss and each pool's timings."""
-        refs = [w.train_step.remote(step) for w in self._by_gpu()]
-        return summarize(self.cfg, self.plan, self._gather(refs, f"step {step}"))
-
-    def _gather(self, refs, what: str) -> list:
-        """Every worker's result; when some fail, one error naming each failed worker and why
-        (a dead worker's peers report which transfer with it broke)."""
-        results, failures = [], []
-        for g, ref in zip(self.plan.gpus, refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayError as exc:
-                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-                failures.append(f"{worker_name(g.node, g.local_gpu)} ({g.role}): {type(cause).__name__}: {first}")
-        if failures:
-            raise StepFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: " + "; ".join(failures))
-        return results
+    def step(self, step: int):
+        """Run one optimizer step on every worker; returns the step's metrics."""
+        results = self.workers.train_step(step)
+        return summarize(self.cfg, self.plan, [results[g.slot] for g in self.plan.gpus])
 
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
         """Every global tensor once: replicated attention-side tensors from attention rank 0."""
+        parts = self.workers.export(which, key)
         out: Dict[str, torch.Tensor] = {}
-        for part in ray.get([w.export.remote(which, key) for w in self._by_gpu()]):
-            for name, tensor in part.items():
-                if name not in out:
-                    out[name] = tensor
+        for g in self.plan.gpus:
+            for name, tensor in parts[g.slot].items():
+                out.setdefault(name, tensor)
         return out
 
-    def shutdown(self) -> None:
+    def save_shards(self, folder: str) -> int:
+        """Each worker writes what it is the single source of into ``folder``; returns bytes."""
+        return sum(self.workers.save_shard(folder).values())
+
+    def shutdown(self, timeout_s: Optional[float] = CLOSE_TIMEOUT_S) -> None:
         try:
-            ray.get([w.close.remote() for w in self.workers.values()], timeout=30)
+            self.workers.close(timeout_s=timeout_s)
         except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
             pass
-        for w in self.workers.values():
-            ray.kill(w)
+        self.workers.kill()
         ray.util.remove_placement_group(self.pg)

@@ -10,7 +10,7 @@ A rebalance tears a generation down and builds the next one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -23,17 +23,18 @@ def worker_name(node: int, local_gpu: int) -> str:
 
 
 class Links:
-    def __init__(self, job: str, generation: int, plan, me, timeout_ms: int, init_timeout_ms: int):
+    def __init__(self, job: str, generation: int, plan, me, timeout_ms: int, init_timeout_ms: int,
+                 backend: Optional[str] = None):
         self.world = f"{job}-g{generation}-world"
         self.attn = f"{job}-g{generation}-attn" if me.is_attention else None
         names = [worker_name(g.node, g.local_gpu) for g in plan.gpus]
         # Every member creates the groups in the same order: world first, then its pool's.
         groups.create_group(self.world, names, me.gpu, timeout_ms=timeout_ms,
-                            init_timeout_ms=init_timeout_ms, generation=generation)
+                            init_timeout_ms=init_timeout_ms, generation=generation, backend=backend)
         if self.attn is not None:
             attn_names = [worker_name(g.node, g.local_gpu) for g in plan.attention_workers()]
             groups.create_group(self.attn, attn_names, me.rank, timeout_ms=timeout_ms,
-                                init_timeout_ms=init_timeout_ms, generation=generation)
+                                init_timeout_ms=init_timeout_ms, generation=generation, backend=backend)
 
     def close(self) -> None:
         for name in (self.attn, self.world):

@@ -13,17 +13,16 @@ from typing import Dict, Iterable, List, Set
 import torch
 
 from ma_ray.model.attention_side import AttentionSideParams
-from ma_ray.runtime.attention_role import AttentionStack
-from ma_ray.runtime.moe_role import ExpertStack
-from ma_ray.runtime.role import MOMENTS
+from ma_ray.model.stacks import stack_for
+from ma_ray.optim import ADAM_MOMENTS
 
-TENSOR_KEYS = ("params", *MOMENTS)
+TENSOR_KEYS = ("params", *ADAM_MOMENTS)
 
 
 def names_of(cfg, assignment) -> Set[str]:
     """Every global name the worker at ``assignment`` holds (built on the meta device: no memory)."""
     with torch.device("meta"):
-        stack = AttentionStack(cfg, assignment.heads) if assignment.is_attention else ExpertStack(cfg, assignment.experts)
+        stack = stack_for(cfg, assignment)
     return {s.name for s in stack.global_slices()}
 
 

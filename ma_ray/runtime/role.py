@@ -1,30 +1,29 @@
 """What every worker role shares: its parameters by global name, AdamW, the schedule loop, the
 end-of-step gradient synchronisation and clipping, and timing.
 
-A role (attention or MoE) owns a module whose parameters are cut from the global model by the
-names of ``ma_ray.model.naming``; a subclass provides the ops of its schedule as methods named
-after the op kinds.
+A role (attention or MoE) owns a stack of the model (``model.stacks``) whose parameters are cut
+from the global model by the names of ``ma_ray.model.naming``. It runs on a device and talks to
+the other pool through a transport (``runtime.device``, ``runtime.transport``), both chosen once
+by the worker, and reads the modelled costs of its stages from ``durations`` (all zeros when
+computing for real), so no role asks whether compute is modelled. Each role maps the op kinds
+of its schedule to its handlers in ``op_handlers``; the map is checked against the schedule when
+the role is built, so a missing handler fails at set-up, not mid-step.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional
+from contextlib import nullcontext
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
 from ma_ray.model.naming import GlobalSlice, export_global, import_global, initialize
-from ma_ray.optim import build_optimizer, clip_coefficient, lr_factor, param_dtype
-from ma_ray.runtime.emulated_device import EmulatedDevice
+from ma_ray.optim import ADAM_MOMENTS, build_optimizer, clip_coefficient, lr_factor, param_dtype
 from ma_ray.runtime.schedule import schedule_for
-from ma_ray.runtime.timing import StageTimer
-from ma_ray.runtime.transfers import Transfers, sleep_until
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from ma_ray.runtime.step_metrics import WorkerStepResult
+from ma_ray.runtime.timing import GRAD_SYNC, OPTIMIZER, PASSES
 
 
 def grad_of(leaf: torch.Tensor) -> torch.Tensor:
@@ -35,52 +34,57 @@ def grad_of(leaf: torch.Tensor) -> torch.Tensor:
 class Role:
     kind = ""
 
-    def __init__(self, cfg, plan, me, links, device: torch.device, module: nn.Module, slices: List[GlobalSlice],
-                 durations=None):
-        """``durations``: the emulation's time model (``parallel.emulation.StageDurations``) when
-        stages stand for the configured shapes; None computes for real."""
-        self.cfg, self.plan, self.me, self.links, self.device = cfg, plan, me, links, device
-        self.durations = durations
-        self.device_timeline = EmulatedDevice() if durations is not None else None
+    def __init__(self, cfg, plan, me, links, device, transport, durations, module: nn.Module,
+                 slices: List[GlobalSlice]):
+        """``device``: ``runtime.device``'s; ``transport``: ``runtime.transport``'s;
+        ``durations``: ``parallel.emulation.StageDurations``, the modelled cost of each stage
+        and transfer (all zeros computing for real)."""
+        self.cfg, self.plan, self.me, self.links = cfg, plan, me, links
+        self.device, self.transport, self.durations = device, transport, durations
+        self.torch_device = device.torch_device
+        self.timer = device.timer
         self.module = module
         self.slices = slices
         initialize(self.module, self.slices, cfg.model.initializer_range, cfg.train.seed)
-        self.module.to(device, param_dtype(cfg))
+        self.module.to(self.torch_device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
-        self.timer = StageTimer(device)
-        schedule = cfg.schedule
-        self.transfers = (Transfers(links, schedule.max_concurrent_communications) if durations is None else
-                          Transfers(links, schedule.max_concurrent_communications, self._inbound_bandwidth,
-                                    self.device_timeline.ready_at))
-        # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
-        scale = durations.token_scale if durations is not None else 1.0
-        self.chunk_rows = max(1, round(schedule.communication_chunk_size / scale))
+        self.chunk_rows = transport.chunk_rows
         self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps,
                                      cfg.schedule.micro_batches_in_flight)
+        handlers = self.op_handlers()
+        missing = sorted({op.kind for op in self.schedule} - set(handlers))
+        if missing:
+            raise TypeError(f"{type(self).__name__} has no handler for schedule ops {missing}")
+        self._handlers: Dict[str, Callable[[int, int], None]] = handlers
+        self.checkpointing = cfg.train.activation_checkpointing
         bf16 = cfg.train.mixed_precision == "bf16"
-        self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        dev_type = device.torch_device.type
+        self._autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if bf16 else nullcontext
         # Activations and their gradients cross between the pools in this dtype.
         self.transfer_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
 
+    def op_handlers(self) -> Dict[str, Callable[[int, int], None]]:
+        """Schedule op kind -> the method that runs it (``runtime.schedule``)."""
+        raise NotImplementedError
+
     # -- the step ---------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> Dict[str, float]:
+    def train_step(self, step: int) -> WorkerStepResult:
         self.module.train()
         # Dropout's RNG is a function of (seed, step, worker): nothing to checkpoint.
         torch.manual_seed(hash((self.cfg.train.seed, step, self.me.node, self.me.local_gpu)) & 0x7FFF_FFFF)
         self.optimizer.zero_grad(set_to_none=False)
         self.timer.reset()
         self.begin_step(step)
-        with self.timer.wait("pipeline"):  # the passes, from first op to last, for overlap figures
+        with self.timer.wait(PASSES):  # the passes, from first op to last, for overlap figures
             for op in self.schedule:
-                getattr(self, op.kind)(op.micro, op.layer)
-            if self.device_timeline is not None:
-                self.device_timeline.synchronize()
-        metrics = self.end_micro_batches()
+                self._handlers[op.kind](op.micro, op.layer)
+            self.device.synchronize()
+        result = self.end_micro_batches()
         for p in self.module.parameters():
             if p.grad is None:  # no row reached this worker's experts yet: their gradient is zero
                 p.grad = torch.zeros_like(p)
-        with self.timer.measure("grad_sync"):
+        with self.timer.measure(GRAD_SYNC):
             self.synchronize_gradients()
         norm = self._global_grad_norm()
         coef = clip_coefficient(norm, self.cfg.train.gradient_clipping)
@@ -88,59 +92,17 @@ class Role:
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        with self.timer.measure("optimizer"):
+        with self.timer.measure(OPTIMIZER):
             self.optimizer.step()
         self.scheduler.step()
-        metrics.update(grad_norm=norm, lr=lr)
-        metrics["timings"] = self.timer.totals()
-        return metrics
-
-    # -- compute and transfers, real or emulated --------------------------------------------
-
-    @contextmanager
-    def compute(self, label: str, emulated_s: float = 0.0):
-        """A compute region, timed. Under emulation its device time is ``emulated_s``, queued on
-        the emulated device (``runtime.emulated_device``) while the host goes on: a stage's time
-        is queued where its main arithmetic runs, and its other pieces (norms, router, combine)
-        add host work only, as their kernels would hide under the device's queue on a GPU."""
-        if self.device_timeline is None:
-            with self.timer.measure(label):
-                yield
-            return
-        launched_at = time.time()
-        yield
-        self.device_timeline.launch(emulated_s, launched_at)
-        self.timer.add(label, emulated_s)
-
-    def queue_device(self, label: str, seconds: float) -> Optional[float]:
-        """Under emulation, queue ``seconds`` of device work whose input is here now, and return
-        when it will be done; None computing for real (work is timed where it runs)."""
-        if self.device_timeline is None:
-            return None
-        self.device_timeline.launch(seconds, time.time())
-        self.timer.add(label, seconds)
-        return self.device_timeline.free_at
-
-    @contextmanager
-    def collective(self, label: str, emulated_s: float):
-        """A collective over the stand-in tensors. Under emulation it waits for the device (its
-        input is the device's output) and then lasts ``emulated_s``, the configured shapes'
-        time, of which the stand-in's real collective is part; the hold is timed as ``label``."""
-        if self.device_timeline is None:
-            yield
-            return
-        self.device_timeline.synchronize()
-        started = time.perf_counter()
-        yield
-        with self.timer.wait(label):
-            sleep_until(started + emulated_s)
-
-    def _inbound_bandwidth(self, src_gpu: int) -> float:
-        return self.durations.bandwidth(self.plan.gpus[src_gpu].node == self.me.node)
+        result.grad_norm, result.lr = norm, lr
+        result.timings = self.timer.totals()
+        return result
 
     def modelled_bytes(self, rows: int) -> float:
-        """Bytes that ``rows`` activation rows stand for (0 when computing for real)."""
-        return self.durations.rows_bytes(rows) if self.durations is not None else 0.0
+        """Bytes that ``rows`` activation rows stand for at the configured shapes (0 computing
+        for real)."""
+        return self.durations.rows_bytes(rows)
 
     def wait_sends(self, handles, label: str) -> None:
         with self.timer.wait(label):
@@ -148,7 +110,7 @@ class Role:
                 handle.wait()
 
     def _global_grad_norm(self) -> float:
-        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        sq = torch.zeros(1, dtype=torch.float64, device=self.torch_device)
         for p in self.norm_parameters():
             sq += p.grad.double().square().sum()
         self.links.allreduce_world(sq)
@@ -159,8 +121,8 @@ class Role:
     def begin_step(self, step: int) -> None:
         pass
 
-    def end_micro_batches(self) -> Dict[str, float]:
-        return {}
+    def end_micro_batches(self) -> WorkerStepResult:
+        return WorkerStepResult(grad_norm=0.0, lr=0.0)
 
     def synchronize_gradients(self) -> None:
         pass
@@ -180,7 +142,7 @@ class Role:
         everything a worker of any layout needs to continue this training."""
         keep = (lambda d: d) if names is None else (lambda d: {k: v for k, v in d.items() if k in names})
         return {"params": keep(self.export("param")),
-                **{key: keep(self.export("state", key)) for key in MOMENTS},
+                **{key: keep(self.export("state", key)) for key in ADAM_MOMENTS},
                 "optimizer_steps": self.scheduler.last_epoch}
 
     def load_state(self, state: dict) -> None:
@@ -190,7 +152,7 @@ class Role:
         if steps == 0:
             return  # AdamW has no moments before its first step
         params = dict(self.module.named_parameters())
-        for key in MOMENTS:
+        for key in ADAM_MOMENTS:
             moments = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name, p in params.items()}
             import_global(self.module, self.slices, state[key], moments)
             for name, p in params.items():

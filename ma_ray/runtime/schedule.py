@@ -32,6 +32,13 @@ from typing import List, NamedTuple
 from ma_ray.parallel.placement import ATTENTION
 
 
+# Op kinds. Attention worker:
+EMBED, ATTN_FWD, DISPATCH, COMBINE, HEAD = "embed", "attn_fwd", "dispatch", "combine", "head"
+COMBINE_BWD, DISPATCH_BWD, ATTN_BWD, EMBED_BWD = "combine_bwd", "dispatch_bwd", "attn_bwd", "embed_bwd"
+# MoE worker:
+EXPERT_RECV, EXPERT_FWD, EXPERT_BWD = "expert_recv", "expert_fwd", "expert_bwd"
+
+
 class Op(NamedTuple):
     kind: str
     micro: int
@@ -39,18 +46,18 @@ class Op(NamedTuple):
 
 
 # Attention ops that wait for the MoE pool, and the MoE ops that serve each attention request.
-_WAITS_FOR_MOE = ("combine", "dispatch_bwd")
-_SERVED_BY = {"dispatch": ("expert_recv", "expert_fwd"), "combine_bwd": ("expert_bwd",)}
+_WAITS_FOR_MOE = (COMBINE, DISPATCH_BWD)
+_SERVED_BY = {DISPATCH: (EXPERT_RECV, EXPERT_FWD), COMBINE_BWD: (EXPERT_BWD,)}
 
 
 def _micro_batch_ops(num_layers: int, mb: int) -> List[Op]:
-    ops = [Op("embed", mb)]
+    ops = [Op(EMBED, mb)]
     for layer in range(num_layers):
-        ops += [Op("attn_fwd", mb, layer), Op("dispatch", mb, layer), Op("combine", mb, layer)]
-    ops.append(Op("head", mb))
+        ops += [Op(ATTN_FWD, mb, layer), Op(DISPATCH, mb, layer), Op(COMBINE, mb, layer)]
+    ops.append(Op(HEAD, mb))
     for layer in reversed(range(num_layers)):
-        ops += [Op("combine_bwd", mb, layer), Op("dispatch_bwd", mb, layer), Op("attn_bwd", mb, layer)]
-    ops.append(Op("embed_bwd", mb))
+        ops += [Op(COMBINE_BWD, mb, layer), Op(DISPATCH_BWD, mb, layer), Op(ATTN_BWD, mb, layer)]
+    ops.append(Op(EMBED_BWD, mb))
     return ops
 
 

@@ -2,7 +2,7 @@
 
 Both start from the same layout-independent initial parameters and see the same batches. After
 every step the loss, every gradient and every updated parameter are gathered by global name and
-compared (``ma_ray.model.compare``). Equivalence is a property of fp32 without dropout, so verify
+compared (``ma_ray.verify.compare``). Equivalence is a property of fp32 without dropout, so verify
 forces those two settings and says so in its report.
 """
 
@@ -12,8 +12,8 @@ from typing import Dict, Optional
 
 from ma_ray.config import Config, ConfigError, check_split
 from ma_ray.data import build_dataset
-from ma_ray.model.compare import gradient_error, parameter_error, scalar_relative_error
-from ma_ray.model.reference_trainer import ReferenceTrainer
+from ma_ray.verify.compare import gradient_error, parameter_error, scalar_relative_error
+from ma_ray.verify.reference_trainer import ReferenceTrainer
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
 

@@ -1,0 +1,129 @@
+"""The one call path from the driver (or the controller) to the worker actors.
+
+A worker method declares once how a call to the whole group is spread and gathered
+(``@dispatch(ONE_TO_ALL)`` or ``@dispatch(PER_SLOT)``, as veRL's single controller does with
+``register(dispatch_mode=...)``); ``WorkerGroup`` binds every declared method to a group-level
+call of the same name. Every call waits for all workers within one deadline, and when some fail
+(or do not answer in time) raises one ``WorkerCallFailed`` that names each failed worker, its role
+and its first error line. The workers that failed first usually caused the others' failures (a
+dead worker's peers report which transfer with it broke), so all are listed.
+
+Dispatch modes:
+
+* ``ONE_TO_ALL``: the same arguments to every worker; gathers ``{slot: result}``;
+* ``PER_SLOT``: ``call(args_of)`` with ``args_of(slot) -> (args, kwargs)``; gathers ``{slot: result}``.
+
+A method declared with ``blocking=False`` and ``num_returns`` returns ``{slot: [ObjectRef, ...]}``
+at once, for results that travel from worker to worker without the driver (migration): the
+bounded wait is the one of the call that consumes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ma_ray.errors import MaRayError
+
+ONE_TO_ALL = "one_to_all"
+PER_SLOT = "per_slot"
+_ATTR = "_ma_ray_dispatch"
+
+
+class WorkerCallFailed(MaRayError, RuntimeError):
+    """A group call failed on some workers; the message names each and its first error line."""
+
+
+def dispatch(mode: str, blocking: bool = True, num_returns: Optional[Callable[..., int]] = None):
+    """Declare how a group call of the decorated worker method is spread and gathered.
+    ``num_returns(*args, **kwargs)``: return values per worker, for ``blocking=False`` calls."""
+    if mode not in (ONE_TO_ALL, PER_SLOT):
+        raise ValueError(f"unknown dispatch mode {mode!r}")
+
+    def mark(fn):
+        setattr(fn, _ATTR, (mode, blocking, num_returns))
+        return fn
+    return mark
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line`` of what went wrong on a worker (the cause under Ray's wrapper)."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else type(cause).__name__}"
+
+
+class WorkerGroup:
+    """One actor of ``worker_cls`` per slot, pinned to its placement-group bundle, and a method
+    per declared worker method. ``describe(slot)`` names a slot's worker in errors."""
+
+    def __init__(self, worker_cls: type, pg, slots: Sequence[Tuple[int, int]], timeout_s: float, grace_s: float,
+                 describe: Callable[[Tuple[int, int]], str], actor_args: tuple = ()):
+        """``timeout_s``: the deadline of a call; ``grace_s``: how much longer the others get
+        once one worker has failed (its peers' collectives with it time out within that)."""
+        self.slots = list(slots)
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.describe = describe
+        remote_cls = ray.remote(worker_cls)
+        self.actors = {
+            slot: remote_cls.options(
+                num_gpus=1, num_cpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=slot[0]),
+            ).remote(*actor_args)
+            for slot in self.slots
+        }
+        for name, fn in inspect.getmembers(worker_cls, inspect.isfunction):
+            if hasattr(fn, _ATTR):
+                setattr(self, name, self._bind(name, *getattr(fn, _ATTR)))
+
+    def _bind(self, name: str, mode: str, blocking: bool, num_returns):
+        def call(*args, timeout_s: Optional[float] = None, **kwargs):
+            if mode == ONE_TO_ALL:
+                spread = {slot: (args, kwargs) for slot in self.slots}
+            else:
+                (args_of,) = args
+                spread = {slot: args_of(slot) for slot in self.slots}
+            refs = {}
+            for slot, (a, kw) in spread.items():
+                method = getattr(self.actors[slot], name)
+                if num_returns is not None:
+                    method = method.options(num_returns=num_returns(*a, **kw))
+                refs[slot] = method.remote(*a, **kw)
+            if not blocking:
+                return {slot: list(ref) if isinstance(ref, (list, tuple)) else [ref] for slot, ref in refs.items()}
+            return self.gather(refs, name, self.timeout_s if timeout_s is None else timeout_s)
+        call.__name__ = name
+        return call
+
+    def gather(self, refs: Dict[Tuple[int, int], "ray.ObjectRef"], what: str, timeout_s: float) -> dict:
+        """Every slot's result within ``timeout_s``; otherwise one ``WorkerCallFailed`` naming
+        the workers that failed or did not answer."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        slot_of = {ref: slot for slot, ref in refs.items()}
+        pending: List = list(refs.values())
+        results, failures = {}, {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            slot = slot_of[ready[0]]
+            try:
+                results[slot] = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                failures[slot] = first_line(exc)
+                deadline = min(deadline, time.monotonic() + self.grace_s)
+        for ref in pending:
+            failures[slot_of[ref]] = f"no answer within {time.monotonic() - started:.0f} s"
+        if failures:
+            listed = "; ".join(f"{self.describe(slot)}: {why}" for slot, why in sorted(failures.items()))
+            raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}")
+        return results
+
+    def kill(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor)
