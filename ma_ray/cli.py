@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
-from ma_ray.config import Config, ControlConfig, check_split, load
+from ma_ray.config import Config, ControlConfig, load
 from ma_ray.errors import MaRayError
 
 PROG = "ma-ray"
@@ -43,7 +43,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
-    return load(args.config, args.overrides)
+    # --attention-gpus K is the split of this run: it replaces cluster.attention_gpus and is the
+    # split validated (errors name --attention-gpus), so a config's own split that K overrides
+    # cannot fail the command.
+    return load(args.config, args.overrides, attention_gpus=getattr(args, "attention_gpus", None))
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -70,8 +73,6 @@ def _plan_run(args: argparse.Namespace) -> int:
     from ma_ray.parallel.report import plan_report
 
     cfg = _load_config(args)
-    if args.attention_gpus is not None:
-        check_split(cfg, args.attention_gpus, key="--attention-gpus")
     report = plan_report(cfg, args.attention_gpus)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
     return 0
@@ -100,10 +101,7 @@ def _run_config(args: argparse.Namespace) -> Config:
         if not LOCAL_PRESET.is_file():
             raise UsageError(f"no --config given and the local preset {LOCAL_PRESET} is missing")
         args.config = str(LOCAL_PRESET)
-    cfg = _load_config(args)
-    if args.attention_gpus is not None:
-        check_split(cfg, args.attention_gpus, key="--attention-gpus")
-    return cfg
+    return _load_config(args)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,9 +115,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                              "configured shapes (emulation.modelled_compute; see README, Emulation)")
 
 
-def _train_run(args: argparse.Namespace) -> int:
-    from ma_ray.train import train
-
+def _train_config(args: argparse.Namespace) -> Config:
+    """The validated config of a ``train`` command (nothing started yet)."""
     if args.resume is not None and args.config is None:
         # Continue the run with its own config unless another is given.
         args.config = str(Path(args.resume) / "config.yaml")
@@ -127,7 +124,13 @@ def _train_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
     if args.emulate_compute:
         args.overrides.append("emulation.modelled_compute=true")
-    cfg = _run_config(args)
+    return _run_config(args)
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from ma_ray.train import train
+
+    cfg = _train_config(args)
     out = Path(args.out or args.resume or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     resume = Path(args.resume) / "checkpoints" if args.resume else None
     last = train(cfg, out, args.steps, resume=resume, attention_gpus=args.attention_gpus)

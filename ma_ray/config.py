@@ -237,8 +237,15 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
 
 
-def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+         attention_gpus: Optional[int] = None, attention_gpus_key: str = "--attention-gpus") -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``attention_gpus``: a split asked for apart from the config (the command line's
+    ``--attention-gpus``). It replaces ``cluster.attention_gpus`` and is the split validated
+    against the topology, model and policy, errors naming ``attention_gpus_key``; the config's
+    own value is then only type-checked.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -258,7 +265,7 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. moe.top_k=1")
         _set_dotted(data, key.strip(), _parse_yaml(raw, f"override {key.strip()}"))
-    return from_dict(data)
+    return from_dict(data, attention_gpus, attention_gpus_key)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -284,10 +291,18 @@ RENAMED = {
        for k in ("micro_batches_in_flight", "communication_chunk_size", "max_concurrent_communications")},
 }
 
-def from_dict(data: dict) -> Config:
-    """Build and validate a Config from nested plain data; unknown keys and wrong types fail."""
+def from_dict(data: dict, attention_gpus: Optional[int] = None,
+              attention_gpus_key: str = "--attention-gpus") -> Config:
+    """Build and validate a Config from nested plain data; unknown keys and wrong types fail.
+    ``attention_gpus``: see ``load``."""
     cfg = _build(Config, data, "")
-    validate(cfg)
+    if attention_gpus is None:
+        validate(cfg)
+    else:
+        _require(isinstance(attention_gpus, int) and not isinstance(attention_gpus, bool),
+                 f"{attention_gpus_key}: expected an integer, got {_describe(attention_gpus)}")
+        cfg.cluster.attention_gpus = attention_gpus
+        validate(cfg, split_key=attention_gpus_key)
     return cfg
 
 
@@ -360,8 +375,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    """Check every cross-field rule; raises ConfigError naming the first broken one."""
+def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
+    """Check every cross-field rule; raises ConfigError naming the first broken one.
+    ``split_key`` names where ``cluster.attention_gpus`` came from in split errors."""
     m, moe, c, b, comm, t = cfg.model, cfg.moe, cfg.cluster, cfg.balance, cfg.comm, cfg.train
     schedule = cfg.schedule
 
@@ -438,7 +454,7 @@ def validate(cfg: Config) -> None:
     _require(b.min_attention_gpus <= b.max_attention_gpus,
              f"balance.min_attention_gpus: {b.min_attention_gpus} is greater than "
              f"balance.max_attention_gpus ({b.max_attention_gpus})")
-    check_split(cfg, c.attention_gpus, key="cluster.attention_gpus")
+    check_split(cfg, c.attention_gpus, key=split_key)
 
     _require(t.batch_size % t.micro_batch_size == 0,
              f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size ({t.batch_size})")

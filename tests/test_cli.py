@@ -77,6 +77,61 @@ def test_plan_table_in_process(capsys):
     assert "8 attention GPUs (16 heads), 8 MoE GPUs (16 experts)" in out
 
 
+# The preset's own split (cluster.attention_gpus 12) does not fit 10 heads; the asked 9 does.
+TEN_HEADS = ["--set", "model.num_attention_heads=10", "--set", "model.hidden_size=40"]
+ASKED_SPLIT = ["--config", str(LOCAL), "--attention-gpus", "9", *TEN_HEADS]
+
+
+def test_plan_validates_the_asked_split_not_the_configs(capsys):
+    data = plan_json(capsys, *ASKED_SPLIT)
+    assert data["attention_gpus"] == 9 and data["moe_gpus"] == 7
+    assert sorted(h for g in data["gpus"] for h in g["heads"]) == list(range(10))
+    code, out, err = run(capsys, "plan", *ASKED_SPLIT)
+    assert code == 0 and err == "" and "9 attention GPUs (10 heads), 7 MoE GPUs (16 experts)" in out
+    # Without --attention-gpus the config's own split is validated, and named.
+    code, out, err = run(capsys, "plan", "--config", str(LOCAL), *TEN_HEADS)
+    assert code == 2 and out == ""
+    assert err == ("ma-ray: error: cluster.attention_gpus: 12 attention GPUs exceed the 10 heads "
+                   "(model.num_attention_heads)\n")
+    # A bad asked split is named as the option.
+    code, out, err = run(capsys, "plan", "--config", str(LOCAL), "--attention-gpus", "11", *TEN_HEADS)
+    assert code == 2 and out == ""
+    assert err == "ma-ray: error: --attention-gpus: 11 attention GPUs exceed the 10 heads (model.num_attention_heads)\n"
+
+
+def test_train_config_takes_the_asked_split():
+    """What ``train`` checks before it starts anything: the config, the plan, the time models
+    (emulated compute and the controller's predictor, both referenced to the run's split)."""
+    from ma_ray.cli import _train_config
+    from ma_ray.control.predictor import StageTimePredictor
+    from ma_ray.parallel import make_plan
+    from ma_ray.parallel.emulation import stage_durations, stand_in_config
+
+    args = build_parser().parse_args(["train", *ASKED_SPLIT, "--emulate-compute"])
+    cfg = _train_config(args)
+    assert cfg.cluster.attention_gpus == 9 and cfg.emulation.modelled_compute
+    assert make_plan(cfg, args.attention_gpus).attention_gpus == 9
+    assert stage_durations(cfg).reference[0] == 2  # 10 heads over 9 GPUs: 2 on the busiest
+    assert stand_in_config(cfg).cluster.attention_gpus == 9
+    assert StageTimePredictor(cfg).workload.reference_k == 9
+
+
+def test_verify_config_takes_the_asked_split():
+    from ma_ray.cli import _run_config
+    from ma_ray.verify import exact_settings
+
+    args = build_parser().parse_args(["verify", *ASKED_SPLIT])
+    cfg = exact_settings(_run_config(args), "fp64")  # verify's first step re-validates the config
+    assert cfg.cluster.attention_gpus == 9 and cfg.train.mixed_precision == "fp64"
+
+
+@pytest.mark.parametrize("command", ["train", "verify"])
+def test_run_commands_name_a_bad_asked_split(capsys, command):
+    code, out, err = run(capsys, command, "--config", str(LOCAL), "--attention-gpus", "11", *TEN_HEADS)
+    assert code == 2 and out == ""
+    assert err == "ma-ray: error: --attention-gpus: 11 attention GPUs exceed the 10 heads (model.num_attention_heads)\n"
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["plan", "--attention-gpus", "15"], "--attention-gpus: 15 is outside the policy's range [8, 14] of attention GPUs "
                                          "(balance.min_attention_gpus, balance.max_attention_gpus)"),

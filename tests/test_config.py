@@ -333,6 +333,25 @@ def test_check_split_names_the_key():
     check_split(Config(), 14)
 
 
+def test_an_asked_split_replaces_the_configs_own():
+    ten_heads = ["model.num_attention_heads=10", "model.hidden_size=1280"]
+    assert "cluster.attention_gpus: 12 attention GPUs exceed the 10 heads" in error_of(ten_heads)
+    cfg = load(None, ten_heads, attention_gpus=9)
+    assert cfg.cluster.attention_gpus == 9 and cfg.moe_gpus == 7
+    with pytest.raises(ConfigError) as exc:
+        load(None, ten_heads, attention_gpus=11)
+    assert str(exc.value) == "--attention-gpus: 11 attention GPUs exceed the 10 heads (model.num_attention_heads)"
+    with pytest.raises(ConfigError, match=r"^K: 15 is outside the policy's range \[8, 14\]"):
+        load(None, [], attention_gpus=15, attention_gpus_key="K")
+    # The config's own value is still type-checked, and every other rule still applies.
+    with pytest.raises(ConfigError, match=r"^cluster.attention_gpus: expected an integer, got str 'twelve'$"):
+        load(None, ["cluster.attention_gpus=twelve"], attention_gpus=9)
+    with pytest.raises(ConfigError, match=r"^moe.top_k: 17 is larger than moe.num_experts \(16\)$"):
+        load(None, ["moe.top_k=17"], attention_gpus=9)
+    with pytest.raises(ConfigError, match=r"^--attention-gpus: expected an integer, got bool True$"):
+        load(None, [], attention_gpus=True)
+
+
 def test_check_split_with_another_policy_range():
     """The controller's rebalance checks against its live policy's range, not the config's."""
     with pytest.raises(ConfigError) as exc:
