@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import subprocess
@@ -362,6 +363,34 @@ def test_check_split_with_another_policy_range():
     check_split(Config(), 15, within_policy=False)
     with pytest.raises(ConfigError, match=r"^rebalance: 16 leaves 0 MoE GPUs"):
         check_split(Config(), 16, key="rebalance", policy_range=(2, 16))
+
+
+# --- renamed keys ----------------------------------------------------------------------------------
+
+def _lookup(data, dotted):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+@pytest.mark.parametrize("old, new", sorted(config_module.RENAMED.items()))
+def test_a_renamed_key_names_its_new_name(tmp_path, old, new):
+    defaults = Config().to_dict()
+    value = _lookup(defaults, new)  # the new key exists, the old one does not
+    with pytest.raises(KeyError):
+        _lookup(defaults, old)
+    section, leaf = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {leaf}: {json.dumps(value)}\n")
+    for source, overrides in ((path, []), (None, [f"{old}={json.dumps(value)}"])):
+        with pytest.raises(ConfigError) as info:
+            load(source, overrides)
+        assert str(info.value) == f"{old}: renamed to {new}"
+
+
+def test_a_renamed_key_through_the_cli(capsys):
+    code, out, err = run_cli(capsys, "config", "--set", "cluster.emulate=true")
+    assert (code, out, err) == (2, "", "ma-ray: error: cluster.emulate: renamed to cluster.fake_gpus\n")
 
 
 # --- the same through the CLI: one line on stderr, exit code 2 ------------------------------------
