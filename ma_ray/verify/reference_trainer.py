@@ -8,6 +8,7 @@ every parameter stepped every step (zero gradient where no token reached an expe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -23,6 +24,9 @@ class ReferenceTrainer:
         self.model = MoETransformer(cfg, seed=seed).to(param_dtype(cfg))
         self.slices = self.model.global_slices()
         self.optimizer, self.scheduler = build_optimizer(self.model, self.slices, cfg.train)
+        # bf16 autocasts the forward over fp32 master weights, as the workers do.
+        bf16 = cfg.train.mixed_precision == "bf16"
+        self._autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def step(self, micro_batches: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, float]:
         """Forward/backward every micro-batch, clip, step; returns the mean loss parts."""
@@ -31,7 +35,8 @@ class ReferenceTrainer:
         totals = {"total": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
         n = len(micro_batches)
         for ids, targets in micro_batches:
-            parts = self.model(ids, targets)
+            with self._autocast():
+                parts = self.model(ids, targets)
             (parts.total / n).backward()
             for k, v in parts.detached().items():
                 totals[k] += v / n

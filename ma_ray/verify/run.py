@@ -17,7 +17,19 @@ from ma_ray.verify.reference_trainer import ReferenceTrainer
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
 
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # fp64 and fp32: every figure, the initial parameters included
+
+# bf16 autocast, judged on the loss and the gradients only. Each gradient element passes through
+# a few bf16 roundings (activations crossing the pools and stored for backward, matmul outputs),
+# in another order in a distributed layout than in the reference; each costs up to the unit
+# roundoff 2^-8 = 3.9e-3 of the element's scale, and four layers of about three roundings each
+# bound the gradients' error by about 12 x 3.9e-3 = 0.047. The loss is a mean over every token in
+# fp32, where the roundings average out (7e-6 measured against 1e-3). Measured on 2 x 3 GPUs,
+# m = 2: gradients 0.019, against 1e-3 or more for a real error (a missing term is O(1)).
+# Parameters are reported, not judged: AdamW's first steps move a weight by about
+# lr * sign(gradient), so a near-zero gradient whose sign differs by rounding puts its weight
+# 2 lr apart (0.3 of the initial scale at the local preset's lr), in any two runs.
+BF16_TOLERANCE = {"loss_rel_err": 1e-3, "grad_rel_err": 5e-2}
 
 
 def exact_settings(cfg: Config, precision: str) -> Config:
@@ -39,7 +51,8 @@ def parse_rebalances(text: Optional[str]) -> Dict[int, int]:
 
 def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, precision: str = "fp64",
            torch_threads: Optional[int] = 1, rebalances: Optional[Dict[int, int]] = None) -> dict:
-    """Run ``steps`` steps both ways; the report's ``ok`` holds when every error is within TOLERANCE.
+    """Run ``steps`` steps both ways; the report's ``ok`` holds when every error is within TOLERANCE
+    (bf16: the loss and gradient errors within BF16_TOLERANCE).
 
     ``precision`` fp64 is the default because it is the one in which the comparison can be sharp:
     in fp32, AdamW's update ``lr * m / (sqrt(v) + eps)`` turns a gradient element near ``eps``
@@ -77,9 +90,14 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
     finally:
         job.shutdown()
     worst = {key: max(s[key] for s in per_step) for key in ("loss_rel_err", "grad_rel_err", "param_rel_err")}
+    if precision == "bf16":
+        tolerance = BF16_TOLERANCE
+        ok = init_err <= TOLERANCE and all(worst[key] <= tol for key, tol in tolerance.items())
+    else:
+        tolerance = TOLERANCE
+        ok = max(init_err, *worst.values()) <= TOLERANCE
     return {
-        "ok": max(init_err, *worst.values()) <= TOLERANCE,
-        "precision": precision, "dropout": 0.0, "steps": steps, "tolerance": TOLERANCE,
+        "ok": ok, "precision": precision, "dropout": 0.0, "steps": steps, "tolerance": tolerance,
         "attention_gpus": job.plan.attention_gpus, "moe_gpus": job.plan.moe_gpus,
         "initial_param_rel_err": init_err, **worst, "migrations": migrations, "per_step": per_step,
     }
