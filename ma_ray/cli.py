@@ -142,7 +142,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     _run_arguments(parser)
-    parser.add_argument("--precision", choices=["fp64", "fp32"], default="fp64",
+    parser.add_argument("--precision", choices=["fp64", "fp32", "bf16"], default="fp64",
                         help="arithmetic of both runs (default fp64: see README, Verification)")
     parser.add_argument("--rebalance", metavar="STEP:K[,STEP:K...]",
                         help="move to K attention GPUs before STEP (heads, experts and AdamW moments migrate)")
