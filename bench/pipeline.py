@@ -2,7 +2,7 @@
 
 For each number ``m`` of micro-batches in flight, one job runs ``--steps`` steps (the first is
 dropped as warm-up) and the medians of its passes' wall time ``P`` and overlap efficiency are
-printed with the ideal of the same schedule (``ma_ray.parallel.pipeline_model``) and the ratio
+printed with the ideal of the same schedule (``ma_ray.parallel.step_time``) and the ratio
 achieved / ideal. Every figure is measured in this run; the ideal comes from the stage times.
 
 * ``--mode emulated`` (default): the paper preset under ``emulation.modelled_compute`` with
@@ -33,8 +33,8 @@ import ray  # noqa: E402
 
 from ma_ray import config as C  # noqa: E402
 from ma_ray.data import build_dataset  # noqa: E402
-from ma_ray.parallel.emulation import FORWARD_SHARE, stage_durations, stand_in_config  # noqa: E402
-from ma_ray.parallel.pipeline_model import ideal_overlap_efficiency, ideal_step_s  # noqa: E402
+from ma_ray.parallel.emulation import stage_durations, stand_in_config  # noqa: E402
+from ma_ray.parallel.step_time import FORWARD_SHARE, PipelineShape, overlap_efficiency, step_time_s  # noqa: E402
 from ma_ray.parallel.placement import make_plan  # noqa: E402
 from ma_ray.parallel.workload import Workload  # noqa: E402
 from ma_ray.runtime.cluster import connect  # noqa: E402
@@ -67,7 +67,7 @@ def run(cfg, steps, emulated):
         rows = []
         for step in range(steps):
             t0 = time.perf_counter()
-            rows.append({**job.step(step), "wall": time.perf_counter() - t0})
+            rows.append({**job.step(step).to_dict(), "wall": time.perf_counter() - t0})
         return rows[1:]
     finally:
         job.shutdown()
@@ -109,10 +109,8 @@ def main() -> None:
         # MoE rows from step to step (under emulation: device time; plus the modelled rings).
         t_a = statistics.median(r["t_attention_s"] for r in rows) + (rings if emulated else 0.0)
         t_m = statistics.median(r["t_moe_s"] for r in rows)
-        fwd = (FORWARD_SHARE * t_a, FORWARD_SHARE * t_m)
-        bwd = ((1 - FORWARD_SHARE) * t_a, (1 - FORWARD_SHARE) * t_m)
-        ideal = ideal_step_s(fwd, bwd, t_c, micro, m, layers)
-        ideal_eff = ideal_overlap_efficiency(t_a * stages, t_m * stages, ideal)
+        ideal = step_time_s(t_a, t_m, PipelineShape(micro, layers, m), t_c)
+        ideal_eff = overlap_efficiency(t_a * stages, t_m * stages, ideal)
         wall = statistics.median(r["wall"] for r in rows)
         print(f"{m:>2} {p:>15.3f} {ideal:>10.3f} {p / ideal:>15.3f} {eff:>13.3f} {ideal_eff:>11.3f} {wall:>14.3f}",
               flush=True)

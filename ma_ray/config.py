@@ -85,6 +85,14 @@ class BalanceConfig:
     # moved parameters and moments. Measured pauses refine it (control/migration_cost.py).
     migration_fixed_s: float = 10.0
     migration_gb_per_s: float = 2.0
+    # Hysteresis of the balancing policy (control/policy.py). A move must promise a step-time
+    # gain of at least min_gain_fraction (relative), return_gain_factor times that to re-enter a
+    # split left within the last return_window decisions; no decision before settle_steps steps
+    # at the current split (null: a quarter of rebalancing_interval).
+    min_gain_fraction: float = 0.02
+    return_window: int = 3
+    return_gain_factor: float = 3.0
+    settle_steps: Optional[int] = None
 
 
 @dataclass
@@ -437,6 +445,14 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
                         ("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
                         ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
+    # The policy's hysteresis knobs (tested with the policy, tests/test_control.py).
+    _require(b.min_gain_fraction >= 0 and math.isfinite(b.min_gain_fraction),
+             f"balance.min_gain_fraction: must not be negative, got {b.min_gain_fraction}")
+    _require(b.return_window >= 0, f"balance.return_window: must not be negative, got {b.return_window}")
+    _require(b.return_gain_factor >= 1.0 and math.isfinite(b.return_gain_factor),
+             f"balance.return_gain_factor: must be at least 1, got {b.return_gain_factor}")
+    _require(b.settle_steps is None or b.settle_steps >= 0,
+             f"balance.settle_steps: must be null or not negative, got {b.settle_steps}")
     _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")
     _require(len(b.moe_time_coef) == 3, f"balance.moe_time_coef: needs 3 coefficients, got {len(b.moe_time_coef)}")
 

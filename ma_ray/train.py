@@ -2,8 +2,9 @@
 
 Everything that can be wrong with the input (config, data path, split, resume folder) is checked
 before the output folder is created or any Ray actor starts, so bad input leaves nothing behind.
-The controller drives the steps; this process only polls its history (scalars) to draw the
-progress bar and append ``metrics.jsonl``.
+The controller drives the steps; this process only polls its history (``HistoryRow``: a step's
+``StepMetrics`` and decision) to draw the progress bar and append ``metrics.jsonl`` (one
+``HistoryRow.to_dict()`` a line).
 """
 
 from __future__ import annotations
@@ -64,18 +65,19 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
         cfg, dataset, str(out), steps, None if resume is None else str(resume), attention_gpus, torch_threads)
     run = controller.run.remote()
     last: dict = {}
+    last_step = start - 1
     with open(out / "metrics.jsonl", "a") as log, \
             tqdm(total=max(0, steps - start), desc="train", disable=not progress, dynamic_ncols=True) as bar:
         done = False
         while not done:
             done = bool(ray.wait([run], timeout=POLL_S)[0])
-            for row in ray.get(controller.history_since.remote(last.get("step", start - 1))):
-                log.write(json.dumps(row) + "\n")
-                last = row
-                bar.set_description(f"train {row['attention_gpus']}A/{cfg.total_gpus - row['attention_gpus']}M")
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                t_attn=f"{row['t_attention_s'] * 1e3:.1f}ms",
-                                t_moe=f"{row['t_moe_s'] * 1e3:.1f}ms", refresh=False)
+            for row in ray.get(controller.rows_since.remote(last_step)):
+                last, last_step, m = row.to_dict(), row.step, row.metrics
+                log.write(json.dumps(last) + "\n")
+                bar.set_description(f"train {m.attention_gpus}A/{cfg.total_gpus - m.attention_gpus}M")
+                bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:.0f}",
+                                t_attn=f"{m.t_attention_s * 1e3:.1f}ms",
+                                t_moe=f"{m.t_moe_s * 1e3:.1f}ms", refresh=False)
                 bar.update()
             log.flush()
     final = ray.get(run)  # raises what the run raised

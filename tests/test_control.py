@@ -18,12 +18,13 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 
-from ma_ray.config import Config
+from ma_ray.config import Config, ConfigError, load
 from ma_ray.control.migration_cost import MigrationCostModel
-from ma_ray.control.policy import (BALANCED, DISABLED, MOVE, NO_GAIN, NOT_DUE, OUT_OF_RANGE, SETTLING,
-                                   BalancingPolicy, PolicyParams, step_time_s)
+from ma_ray.control.policy import (BALANCED, DISABLED, IDLE, MOVE, NO_GAIN, NOT_DUE, OUT_OF_RANGE, SETTLING,
+                                   BalancingPolicy, PolicyParams)
 from ma_ray.control.predictor import PredictorSettings, StagePrediction, StageTimePredictor
 from ma_ray.control.regression import KeyedBayesLinear
+from ma_ray.parallel.step_time import PipelineShape, step_time_s
 from ma_ray.parallel.workload import Workload
 from ma_ray.parallel import make_plan, predict_stage_times
 
@@ -61,9 +62,8 @@ class Truth:
                 self.scale_moe * sum(c * x for c, x in zip(self.moe, xm)))
 
     def step_times(self, lo: int = 8, hi: int = 14) -> dict:
-        w = self.workload
-        return {k: step_time_s(*self.times(k), w.stages_per_step, w.micro_batches_in_flight)
-                for k in range(lo, hi + 1)}
+        shape = PipelineShape.from_config(self.cfg)
+        return {k: step_time_s(*self.times(k), shape) for k in range(lo, hi + 1)}
 
     def best(self, lo: int = 8, hi: int = 14) -> Tuple[int, float]:
         """The best split and how much slower the runner-up is (relative)."""
@@ -105,7 +105,7 @@ def simulate(truth: Truth, steps: int, *, start_k: int = 12, shift_at: Optional[
         measured = {"predictor": None, "step": (t_a, t_m),
                     "mean": (sum(a for a, _ in since) / len(since), sum(m for _, m in since) / len(since))}[trigger]
         d = policy.decide(s + 1, k, predictor, measured=measured, migration_cost=migration_cost)
-        if d.reason not in (NOT_DUE, DISABLED):
+        if d.reason not in IDLE:
             decisions.append(d)
             since = []
         if d.move:
@@ -341,7 +341,23 @@ def test_params_from_config_and_validated_updates():
     params = PolicyParams.from_config(PAPER)
     assert (params.enabled, params.imbalance_threshold, params.rebalancing_interval,
             params.min_attention_gpus, params.max_attention_gpus) == (True, 0.15, 100, 8, 14)
+    assert (params.min_gain_fraction, params.return_window, params.return_gain_factor,
+            params.settle_steps) == (0.02, 3, 3.0, None)
     assert params.effective_settle_steps == 25
+    # Every value comes from the balance section: none is the class's own.
+    tuned = PAPER.replace(**{"balance.min_gain_fraction": 0.05, "balance.return_window": 1,
+                             "balance.return_gain_factor": 2.0, "balance.settle_steps": 7,
+                             "balance.rebalancing_interval": 40})
+    assert PolicyParams.from_config(tuned).to_dict() == {
+        "enabled": True, "imbalance_threshold": 0.15, "rebalancing_interval": 40, "min_attention_gpus": 8,
+        "max_attention_gpus": 14, "min_gain_fraction": 0.05, "return_window": 1, "return_gain_factor": 2.0,
+        "settle_steps": 7}
+    assert PolicyParams.from_config(tuned).effective_settle_steps == 7
+    assert PolicyParams.from_config(tuned, settle_steps=None).effective_settle_steps == 10
+    with pytest.raises(TypeError):
+        PolicyParams()  # no defaults of its own
+    with pytest.raises(ValueError, match="margin: unknown policy parameter"):
+        PolicyParams.from_config(PAPER, margin=0.1)
     changed = params.updated(imbalance_threshold=0.2, rebalancing_interval=None, max_attention_gpus=12)
     assert (changed.imbalance_threshold, changed.rebalancing_interval, changed.max_attention_gpus) == (0.2, 100, 12)
     for changes, message in [
@@ -352,28 +368,45 @@ def test_params_from_config_and_validated_updates():
         ({"enabled": 1}, "enabled"),
         ({"min_attention_gpus": True}, "min_attention_gpus"),
         ({"threshold": 0.1}, "threshold: unknown policy parameter"),
+        ({"return_gain_factor": 0.5}, "return_gain_factor"),
+        ({"settle_steps": -1}, "settle_steps"),
     ]:
         with pytest.raises(ValueError, match=message) as info:
             params.updated(**changes)
         assert "\n" not in str(info.value)
     assert PolicyParams.from_dict(changed.to_dict()) == changed
+    with pytest.raises(ValueError, match="settle_steps: missing policy parameter"):
+        PolicyParams.from_dict({k: v for k, v in changed.to_dict().items() if k != "settle_steps"})
 
 
-def test_step_time_is_the_sum_without_pipelining_and_the_bottleneck_with_it():
-    assert step_time_s(1.0, 3.0, stages=10, micro_batches_in_flight=1) == 40.0
-    assert step_time_s(1.0, 3.0, stages=10, micro_batches_in_flight=4) == 30.0
-    assert step_time_s(2.0, 2.0, stages=10, micro_batches_in_flight=2) == 20.0
+def test_config_checks_the_hysteresis_knobs():
+    for override, message in [("balance.min_gain_fraction=-0.1", "balance.min_gain_fraction: must not be negative"),
+                              ("balance.return_window=-1", "balance.return_window: must not be negative"),
+                              ("balance.return_gain_factor=0.5", "balance.return_gain_factor: must be at least 1"),
+                              ("balance.settle_steps=-2", "balance.settle_steps: must be null or not negative")]:
+        with pytest.raises(ConfigError, match=message):
+            load(None, [override])
+    assert load(None, ["balance.settle_steps=null"]).balance.settle_steps is None
 
 
 # --- policy rules, on a scripted predictor --------------------------------------------------------
 
+PAPER_PIPELINE = PipelineShape(micro_batches=16, layers=4, in_flight=4)  # the paper's, pipelined
+
+
+def params(**overrides) -> PolicyParams:
+    """The paper preset's policy: threshold 15%, every 100 steps, [8, 14], margin 2%, x3 to go
+    back within 3 decisions, settled after 25 steps."""
+    return PolicyParams.from_config(PAPER, **overrides)
+
+
 class ScriptedPredictor:
     """Stage times per split set by hand; every split has been observed long enough."""
 
-    def __init__(self, times: dict, stages: int = 64, in_flight: int = 4, seen: int = 1000):
+    def __init__(self, times: dict, pipeline: PipelineShape = PAPER_PIPELINE, seen: int = 1000):
         self.times = dict(times)
         self.seen = seen
-        self.workload = type("W", (), {"stages_per_step": stages, "micro_batches_in_flight": in_flight})()
+        self.pipeline = pipeline
 
     def splits(self):
         return sorted(self.times)
@@ -398,7 +431,7 @@ def flat(k_best: int, gain: float, others_gain: float = -0.5) -> dict:
 
 def test_gates_before_any_scoring():
     pred = ScriptedPredictor(flat(10, 0.2))
-    policy = BalancingPolicy(PolicyParams())
+    policy = BalancingPolicy(params())
     assert policy.decide(50, 12, pred).reason == NOT_DUE
     assert policy.decide(0, 12, pred).reason == NOT_DUE
     assert policy.decide(50, 12, pred, force=True).reason == MOVE
@@ -415,27 +448,48 @@ def test_gates_before_any_scoring():
     json.dumps(d.to_dict())
 
 
+def test_scores_splits_with_the_pipeline_step_time():
+    """One micro-batch in flight, the pools take turns and the policy minimises T_a + T_m; with
+    four, the slower pool sets the pace and it balances them."""
+    times = {k: (0.03, 0.03) for k in range(8, 15)}  # far slower everywhere else
+    times.update({12: (0.004, 0.016), 10: (0.01, 0.01), 13: (0.005, 0.013)})  # sums 20, 20, 18 ms
+    for pipeline, want in [(PipelineShape(16, 4, 1), 13), (PipelineShape(16, 4, 4), 10)]:
+        d = BalancingPolicy(params()).decide(100, 12, ScriptedPredictor(times, pipeline))
+        assert d.reason == MOVE and d.new_k == want, d.detail
+        for c in d.candidates:
+            assert c.step_s == pytest.approx(step_time_s(c.t_attention_s, c.t_moe_s, pipeline))
+    assert BalancingPolicy(params()).decide(100, 12, ScriptedPredictor(times, PAPER_PIPELINE)).new_k == 10
+
+
 def test_margin_and_migration_cost_hold_back_small_gains():
-    policy = BalancingPolicy(PolicyParams())
+    policy = BalancingPolicy(params())
     assert policy.decide(100, 12, ScriptedPredictor(flat(10, 0.01))).reason == NO_GAIN  # 1% < 2%
-    # 10% of a 0.64 s step over 100 steps is 6.4 s: a 10 s migration is not worth it, 1 s is.
+    # Split 12's step: 4 groups of 4 micro-batches x 4 layers, MoE-bound (T_m = 10 ms), each
+    # group 16 MoE stages plus the attention pool's fill and drain: 0.671 s.
+    t_a, t_m = flat(10, 0.1)[12]
+    step_12 = 4 * (16 * t_m + t_a)
+    assert step_time_s(t_a, t_m, PAPER_PIPELINE) == pytest.approx(step_12)
+    # 10% of it over 100 steps is 6.7 s: a 10 s migration is not worth it, 1 s is.
     assert policy.decide(200, 12, ScriptedPredictor(flat(10, 0.1)), migration_cost=10.0).reason == NO_GAIN
     d = policy.decide(300, 12, ScriptedPredictor(flat(10, 0.1)), migration_cost=lambda a, b: 1.0)
     assert d.reason == MOVE and d.new_k == 10
+    now = next(c for c in d.candidates if c.attention_gpus == 12)
     chosen = next(c for c in d.candidates if c.attention_gpus == 10)
-    assert chosen.migration_s == 1.0 and chosen.net_s == pytest.approx(0.1 * 0.64 * 100 - 1.0)
+    assert now.step_s == pytest.approx(step_12) and chosen.step_s == pytest.approx(0.9 * step_12)
+    assert chosen.gain_s == pytest.approx(0.1 * step_12)
+    assert chosen.migration_s == 1.0 and chosen.net_s == pytest.approx(0.1 * step_12 * 100 - 1.0)
 
 
 def test_the_largest_net_gain_wins_counting_each_move_cost():
     times = flat(10, 0.10)
     times[8] = (0.01 * 0.89 / 1.3, 0.01 * 0.89)  # 11% faster, but far away
     cost = lambda a, b: 2.0 * abs(a - b)  # 4 s to 10, 8 s to 8
-    d = BalancingPolicy(PolicyParams()).decide(100, 12, ScriptedPredictor(times), migration_cost=cost)
+    d = BalancingPolicy(params()).decide(100, 12, ScriptedPredictor(times), migration_cost=cost)
     assert d.new_k == 10
 
 
 def test_moving_back_to_a_split_just_left_needs_a_larger_gain():
-    policy = BalancingPolicy(PolicyParams())  # margin 2%, x3 to go back within 3 decisions
+    policy = BalancingPolicy(params())  # margin 2%, x3 to go back within 3 decisions
     pred = ScriptedPredictor(flat(10, 0.2))
     assert policy.decide(100, 12, pred).new_k == 10
     # at 10 now; 12 looks 4% better
@@ -447,7 +501,7 @@ def test_moving_back_to_a_split_just_left_needs_a_larger_gain():
     # the same 4% towards a split not just left is taken
     elsewhere = {k: (t_a * (0.96 if k == 13 else 1.0), t_m * (0.96 if k == 13 else 1.0))
                  for k, (t_a, t_m) in flat(10, 0.0, others_gain=0.0).items()}
-    assert BalancingPolicy(PolicyParams()).decide(100, 10, ScriptedPredictor(elsewhere)).new_k == 13
+    assert BalancingPolicy(params()).decide(100, 10, ScriptedPredictor(elsewhere)).new_k == 13
     # a gain large enough is taken even going back
     big = {k: (t_a * (0.9 if k == 12 else 1.0), t_m * (0.9 if k == 12 else 1.0))
            for k, (t_a, t_m) in flat(10, 0.0, others_gain=0.0).items()}
@@ -459,7 +513,7 @@ def test_moving_back_to_a_split_just_left_needs_a_larger_gain():
 
 
 def test_a_split_outside_a_narrowed_range_is_left_whatever_the_imbalance():
-    policy = BalancingPolicy(PolicyParams())
+    policy = BalancingPolicy(params())
     policy.update(max_attention_gpus=11)
     pred = ScriptedPredictor(flat(12, 0.0, others_gain=-0.1))
     d = policy.decide(100, 12, pred, measured=(0.01, 0.01))
@@ -467,11 +521,11 @@ def test_a_split_outside_a_narrowed_range_is_left_whatever_the_imbalance():
 
 
 def test_policy_state_round_trips():
-    policy = BalancingPolicy(PolicyParams(return_window=2))
+    policy = BalancingPolicy(params(return_window=2))
     pred = ScriptedPredictor(flat(10, 0.2))
     policy.decide(100, 12, pred)
     policy.decide(150, 10, pred)
-    other = BalancingPolicy()
+    other = BalancingPolicy(params())
     other.load_state_dict(json.loads(json.dumps(policy.state_dict())))
     assert other.params == policy.params and other.moves == policy.moves == [
         {"decision": 1, "step": 150, "from": 12, "to": 10}]
@@ -579,5 +633,5 @@ def test_migration_cost_from_bytes_moved_and_measured_pauses():
     other.load_state_dict(json.loads(json.dumps(model.state_dict())))
     assert other.estimate(12, 8) == model.estimate(12, 8)
     # usable directly as the policy's migration cost
-    d = BalancingPolicy(PolicyParams()).decide(100, 12, ScriptedPredictor(flat(10, 0.2)), migration_cost=model)
+    d = BalancingPolicy(params()).decide(100, 12, ScriptedPredictor(flat(10, 0.2)), migration_cost=model)
     assert next(c for c in d.candidates if c.attention_gpus == 10).migration_s == model.estimate(12, 10)

@@ -14,7 +14,7 @@ from ma_ray.cli import main
 from ma_ray.config import ConfigError
 from ma_ray.data import build_dataset
 from ma_ray.parallel.emulation import stage_durations, stand_in_config
-from ma_ray.parallel.pipeline_model import ideal_overlap_efficiency, ideal_pass_s, ideal_step_s
+from ma_ray.parallel.step_time import ideal_pass_s, ideal_step_s, overlap_efficiency
 from ma_ray.parallel.time_model import predict_stage_times
 from ma_ray.parallel.placement import make_plan
 from ma_ray.parallel.workload import Workload
@@ -96,7 +96,7 @@ def test_ideal_pipeline():
     want = sum(ideal_pass_s(1, 2, 0.1, m, 2) + ideal_pass_s(2, 4, 0.1, m, 2) for m in (4, 4, 2))
     assert ideal_step_s((1, 2), (2, 4), 0.1, 10, 4, 2) == pytest.approx(want)
     # The lighter pool fully hidden but for its first stage of the pass: 1 - 1 / (m L).
-    assert ideal_overlap_efficiency(16.0, 48.0, ideal_pass_s(1.0, 3.0, 0.0, 4, 4)) == pytest.approx(15 / 16)
+    assert overlap_efficiency(16.0, 48.0, ideal_pass_s(1.0, 3.0, 0.0, 4, 4)) == pytest.approx(15 / 16)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,9 @@ class ControllerClient:
         return self._call("status")
 
     def history(self, n: Optional[int] = None, since: int = -1) -> List[dict]:
+        """Rows of the steps after ``since`` (the newest ``n``), as in ``metrics.jsonl``: ``step``,
+        the ``StepMetrics`` keys, ``predicted_t_attention_s`` / ``predicted_t_moe_s``, and
+        ``decision`` at decision steps."""
         return self._call("history_since", since, n)
 
     def rebalance(self, attention_gpus: int) -> dict:

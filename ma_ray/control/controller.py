@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,10 +23,34 @@ from ray.util import metrics as ray_metrics
 
 from ma_ray.config import Config, check_split
 from ma_ray.control.migration_cost import MigrationCostModel
-from ma_ray.control.policy import BalancingPolicy
-from ma_ray.control.predictor import StageTimePredictor
+from ma_ray.control.policy import IDLE, BalancingPolicy, Decision
+from ma_ray.control.predictor import PredictionError, StageTimePredictor
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.step_metrics import StepMetrics
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One step of the run as the controller saw it: its metrics, what the predictor had
+    predicted for it (before learning from it; None when a pool timed nothing), and the policy's
+    decision after it (None when none was due)."""
+
+    step: int
+    metrics: StepMetrics
+    prediction: Optional[PredictionError] = None
+    decision: Optional[Decision] = None
+
+    def to_dict(self) -> dict:
+        """The plain row of ``metrics.jsonl`` and ``history()``: ``step``, the metrics' keys,
+        ``predicted_t_attention_s`` / ``predicted_t_moe_s`` and ``decision`` when there are any."""
+        row = {"step": self.step, **self.metrics.to_dict()}
+        if self.prediction is not None:
+            row.update(predicted_t_attention_s=self.prediction.predicted_attention_s,
+                       predicted_t_moe_s=self.prediction.predicted_moe_s)
+        if self.decision is not None:
+            row["decision"] = self.decision.to_dict()
+        return row
 
 
 class _Gauges:
@@ -45,13 +70,13 @@ class _Gauges:
         for g in (self.stage, self.imbalance, self.attention_gpus, self.loss, self.overlap):
             g.set_default_tags(tags)
 
-    def record(self, m: dict) -> None:
-        self.stage.set(m["t_attention_s"], tags={"pool": "attention"})
-        self.stage.set(m["t_moe_s"], tags={"pool": "moe"})
-        self.imbalance.set(m["imbalance"])
-        self.attention_gpus.set(m["attention_gpus"])
-        self.loss.set(m["loss"])
-        self.overlap.set(m["overlap_efficiency"])
+    def record(self, m: StepMetrics) -> None:
+        self.stage.set(m.t_attention_s, tags={"pool": "attention"})
+        self.stage.set(m.t_moe_s, tags={"pool": "moe"})
+        self.imbalance.set(m.imbalance)
+        self.attention_gpus.set(m.attention_gpus)
+        self.loss.set(m.loss)
+        self.overlap.set(m.overlap_efficiency)
 
 
 @ray.remote(max_concurrency=8, num_cpus=0)
@@ -65,7 +90,7 @@ class Controller:
         self.unpaused.set()
         self.pending_split: Optional[int] = None
         self.stop_requested = False
-        self.history: List[dict] = []
+        self.history: List[HistoryRow] = []
         self.migrations: List[dict] = []
         self.predictor = StageTimePredictor(cfg)
         self.policy = BalancingPolicy.from_config(cfg)
@@ -103,9 +128,7 @@ class Controller:
                     break
                 t0 = time.perf_counter()
                 metrics = self.job.step(step)
-                metrics["step_time_s"] = time.perf_counter() - t0
-                metrics["tokens_per_s"] = self.tokens_per_step / metrics["step_time_s"]
-                self._after_step(step, metrics)
+                self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
             self._checkpoint(self.step)
             self.state = "stopped" if self.stop_requested else "finished"
         except BaseException:
@@ -134,22 +157,21 @@ class Controller:
             self.migrations.append(record)
         self.migration_cost.observe(before, k, result["pause_s"])
 
-    def _after_step(self, step: int, metrics: dict) -> None:
+    def _after_step(self, step: int, metrics: StepMetrics) -> None:
         k = self.job.plan.attention_gpus
-        row = {"step": step, **metrics}
-        if metrics["t_attention_s"] > 0 and metrics["t_moe_s"] > 0:  # a pool that timed nothing teaches nothing
+        seen = None
+        if metrics.t_attention_s > 0 and metrics.t_moe_s > 0:  # a pool that timed nothing teaches nothing
             # Predicted before this step is learnt from: the error on steps the model did not fit.
             seen = self.predictor.observe_metrics(metrics, step=step)
-            row.update(predicted_t_attention_s=seen.predicted_attention_s, predicted_t_moe_s=seen.predicted_moe_s)
-        self.window.append((metrics["t_attention_s"], metrics["t_moe_s"]))
+        self.window.append((metrics.t_attention_s, metrics.t_moe_s))
         with self.lock:
             decision = self.policy.decide(step + 1, k, self.predictor, measured=_mean(self.window),
                                           migration_cost=self.migration_cost.estimate)
-        if decision.reason not in ("not_due", "disabled"):
+        taken = decision.reason not in IDLE
+        if taken:
             self.window.clear()
-            row["decision"] = decision.to_dict()
         with self.lock:
-            self.history.append(row)
+            self.history.append(HistoryRow(step, metrics, seen, decision if taken else None))
             self.step = step
         self.gauges.record(metrics)
         if (step + 1) % self.cfg.train.checkpoint_interval == 0:
@@ -170,25 +192,32 @@ class Controller:
 
     def status(self) -> dict:
         with self.lock:
-            last = self.history[-1] if self.history else {}
+            last = self.history[-1].metrics if self.history else None
             plan = self.job.plan
             predicted = self.predictor.predict(plan.attention_gpus)
             return {
                 "state": "paused" if not self.unpaused.is_set() and self.state == "running" else self.state,
                 "step": self.step, "end_step": self.end_step, "attention_gpus": plan.attention_gpus,
                 "moe_gpus": plan.moe_gpus, "plan": plan.to_dict(),
-                "measured": {k: last.get(k) for k in ("t_attention_s", "t_moe_s", "imbalance", "loss")},
+                "measured": {"t_attention_s": None if last is None else last.t_attention_s,
+                             "t_moe_s": None if last is None else last.t_moe_s,
+                             "imbalance": None if last is None else last.imbalance,
+                             "loss": None if last is None else last.loss},
                 "predicted": {"t_attention_s": predicted.t_attention_s, "t_moe_s": predicted.t_moe_s},
                 "pending_split": self.pending_split, "policy": self.policy.params.to_dict(),
                 "predictor_error": self.predictor.error_report(), "migrations": list(self.migrations),
                 "last_checkpoint": self.last_checkpoint,
             }
 
-    def history_since(self, step: int = -1, n: Optional[int] = None) -> List[dict]:
-        """Rows of steps after ``step`` (the newest ``n`` of them when given)."""
+    def rows_since(self, step: int = -1, n: Optional[int] = None) -> List[HistoryRow]:
+        """History rows of steps after ``step`` (the newest ``n`` of them when given)."""
         with self.lock:
-            rows = [r for r in self.history if r["step"] > step]
+            rows = [r for r in self.history if r.step > step]
         return rows[-n:] if n else rows
+
+    def history_since(self, step: int = -1, n: Optional[int] = None) -> List[dict]:
+        """``rows_since`` as plain rows (``HistoryRow.to_dict``): what a client gets."""
+        return [r.to_dict() for r in self.rows_since(step, n)]
 
     def rebalance(self, attention_gpus: int) -> dict:
         """Queue a move to ``attention_gpus``; it happens before the next step. Bad splits raise

@@ -23,12 +23,15 @@ optimizer steps completed so far), or whenever the caller passes ``force=True``:
 6. Otherwise every split ``k`` in [min, max] that the topology holds is scored with the
    predictor's stage times:
 
-   * step time ``S(k) = stages * max(T_a, T_m, (T_a + T_m) / p)``, ``stages`` = micro-batches x
-     layers per step, ``p`` = ``schedule.micro_batches_in_flight``. A closed two-stage cycle with
-     ``p`` micro-batches circulating runs at the slower pool's rate once ``p`` is enough to keep
-     both busy, and at the sum of the two when ``p`` = 1 (the pools take turns): with today's
-     schedule (``p`` = 1) the best split minimises ``T_a + T_m``; with pipelining it balances
-     them. Gradient sync, optimizer and fill/drain are left out (about the same for every k);
+   * step time ``S(k) = parallel.step_time.step_time_s(T_a(k), T_m(k), predictor.pipeline)``:
+     the ideal ping-pong pipeline of the job's micro-batches, layers and micro-batches in flight
+     ``p``, with transfers taken as free (the predictor predicts compute stage times only; the
+     rows that cross are the same whatever the split). It is the same model the benchmarks and
+     the overlap figures use. Per group of ``p`` micro-batches it is the larger of the busier
+     pool's ``p L`` stages (plus the lighter pool's first and last) and the last micro-batch's
+     chain, so at ``p`` = 1 the pools take turns, ``S = stages (T_a + T_m)``, and the best split
+     minimises the sum; with pipelining the slower pool sets the pace and the best split
+     balances them. Gradient sync and the optimizer are left out (about the same for every k);
    * gain ``G(k) = S(current) - S(k)`` seconds per step; net ``N(k) = G(k) * interval -
      migration(current, k)``: the migration pause is paid against the gain over the next
      interval (the soonest the policy could undo the move);
@@ -46,7 +49,10 @@ The policy learns of moves by seeing ``current_k`` change between calls (its own
 once applied, and moves made by hand alike), so the caller never reports them separately.
 
 ``PolicyParams`` holds the knobs ``set_policy`` exposes (threshold, interval, range, enabled) and
-the hysteresis knobs; ``updated(**changes)`` returns a validated copy (ValueError, one line).
+the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``;
+the class has no defaults of its own); ``updated(**changes)`` returns a validated copy
+(ValueError, one line). The decision kinds are the module constants below (``DISABLED``,
+``NOT_DUE``, ...); compare ``Decision.reason`` with them, not with their spelling.
 Pure code; ``state_dict()`` round-trips through plain data.
 """
 
@@ -58,7 +64,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from ma_ray.config import Config
+from ma_ray.parallel.step_time import imbalance as imbalance_of, step_time_s
 
+# Decision kinds (``Decision.reason``); IDLE are those that were no decision at all.
 DISABLED = "disabled"
 NOT_DUE = "not_due"
 OUT_OF_RANGE = "out_of_range"
@@ -66,6 +74,7 @@ SETTLING = "settling"
 BALANCED = "balanced"
 NO_GAIN = "no_gain"
 MOVE = "move"
+IDLE = (DISABLED, NOT_DUE)
 
 MigrationCost = Union[None, float, Callable[[int, int], float]]
 _MAX_MOVES_KEPT = 64
@@ -73,15 +82,18 @@ _MAX_MOVES_KEPT = 64
 
 @dataclass(frozen=True)
 class PolicyParams:
-    enabled: bool = True
-    imbalance_threshold: float = 0.15
-    rebalancing_interval: int = 100
-    min_attention_gpus: int = 8
-    max_attention_gpus: int = 14
-    min_gain_fraction: float = 0.02  # predicted step-time gain a move must promise, relative
-    return_window: int = 3  # decisions during which a split just left counts as "recently left"
-    return_gain_factor: float = 3.0  # margin multiplier for moving back to such a split
-    settle_steps: Optional[int] = None  # steps at a split before deciding; None = interval // 4
+    """The policy's knobs; each is the ``balance`` key of the same name (``config.BalanceConfig``
+    says what it does and holds its default). Build with ``from_config``."""
+
+    enabled: bool
+    imbalance_threshold: float
+    rebalancing_interval: int
+    min_attention_gpus: int
+    max_attention_gpus: int
+    min_gain_fraction: float  # predicted step-time gain a move must promise, relative
+    return_window: int  # decisions during which a split just left counts as "recently left"
+    return_gain_factor: float  # margin multiplier for moving back to such a split
+    settle_steps: Optional[int]  # steps at a split before deciding; None = interval // 4
 
     def __post_init__(self):
         _check_bool("enabled", self.enabled)
@@ -100,19 +112,16 @@ class PolicyParams:
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "PolicyParams":
-        """The ``balance`` section of ``cfg`` (plus any hysteresis ``overrides``)."""
-        b = cfg.balance
-        return cls(enabled=b.enabled, imbalance_threshold=b.imbalance_threshold,
-                   rebalancing_interval=b.rebalancing_interval, min_attention_gpus=b.min_attention_gpus,
-                   max_attention_gpus=b.max_attention_gpus, **overrides)
+        """The ``balance`` section of ``cfg``, with any ``overrides`` (validated like ``updated``,
+        except that None is a value: ``settle_steps=None``)."""
+        _check_names(overrides)
+        values = {f.name: getattr(cfg.balance, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, **overrides})
 
     def updated(self, **changes) -> "PolicyParams":
         """A validated copy with ``changes``; None values are ignored (so ``set_policy`` can pass
         every argument through). Raises ValueError with a one-line message."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown policy parameter (known: {', '.join(sorted(names))})")
+        _check_names(changes)
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @property
@@ -124,7 +133,19 @@ class PolicyParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyParams":
-        return cls().updated(**data) if data else cls()
+        """The inverse of ``to_dict``: every parameter must be there."""
+        _check_names(data)
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(data))
+        if missing:
+            raise ValueError(f"{missing[0]}: missing policy parameter")
+        return cls(**data)
+
+
+def _check_names(changes: dict) -> None:
+    names = {f.name for f in dataclasses.fields(PolicyParams)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown policy parameter (known: {', '.join(sorted(names))})")
 
 
 def _check_bool(name: str, value) -> None:
@@ -142,16 +163,6 @@ def _check_number(name: str, value, low: float) -> None:
         raise ValueError(f"{name}: must be a finite number >= {low}, got {value!r}")
 
 
-def step_time_s(t_attention_s: float, t_moe_s: float, stages: int, micro_batches_in_flight: int = 1) -> float:
-    """Seconds of the stage part of a step: ``stages * max(T_a, T_m, (T_a + T_m) / p)``."""
-    p = max(1, micro_batches_in_flight)
-    return stages * max(t_attention_s, t_moe_s, (t_attention_s + t_moe_s) / p)
-
-
-def imbalance_of(t_attention_s: float, t_moe_s: float) -> float:
-    return abs(t_attention_s - t_moe_s) / max(t_attention_s, t_moe_s, 1e-300)
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One split as the policy scored it."""
@@ -159,7 +170,7 @@ class Candidate:
     attention_gpus: int
     t_attention_s: float
     t_moe_s: float
-    step_s: float  # predicted stage seconds of a step
+    step_s: float  # predicted seconds of a step's passes (``step_time_s``)
     gain_s: float  # predicted seconds saved per step against the current split
     migration_s: float  # predicted pause of moving there
     net_s: float  # gain_s * interval - migration_s
@@ -193,8 +204,8 @@ class Decision:
 
 
 class BalancingPolicy:
-    def __init__(self, params: Optional[PolicyParams] = None):
-        self.params = params if params is not None else PolicyParams()
+    def __init__(self, params: PolicyParams):
+        self.params = params
         self.decisions = 0  # due decisions taken so far
         self.moves: List[dict] = []  # {"decision", "step", "from", "to"}, oldest first
         self._last_k: Optional[int] = None
@@ -221,8 +232,8 @@ class BalancingPolicy:
         """Decide at ``step`` (steps completed) on a cluster at ``current_k`` attention GPUs.
 
         ``predictor``: a ``StageTimePredictor`` (or anything with ``predict(k)``, ``splits()``,
-        ``settled_steps(k)`` and ``workload.stages_per_step`` / ``.micro_batches_in_flight``)
-        that has observed the steps so far. ``measured``: (T_a, T_m) at the current split for
+        ``settled_steps(k)`` and ``pipeline``, a ``parallel.step_time.PipelineShape``) that has
+        observed the steps so far. ``measured``: (T_a, T_m) at the current split for
         the imbalance trigger; None (recommended) takes the predictor's estimate, otherwise pass
         the mean over the steps since the last decision. ``migration_cost``: seconds, or
         ``f(old_k, new_k) -> seconds`` (e.g. a ``MigrationCostModel``); None = free.
@@ -291,8 +302,7 @@ class BalancingPolicy:
 
     def _score(self, current_k: int, predictor, migration_cost: MigrationCost) -> Tuple[Candidate, ...]:
         p = self.params
-        workload = predictor.workload
-        stages, in_flight = workload.stages_per_step, workload.micro_batches_in_flight
+        shape = predictor.pipeline
         splits = [k for k in predictor.splits()
                   if p.min_attention_gpus <= k <= p.max_attention_gpus or k == current_k]
         if current_k not in splits:
@@ -300,11 +310,11 @@ class BalancingPolicy:
         left = set(self.recently_left())
         predictions = {k: predictor.predict(k) for k in splits}
         now = predictions[current_k]
-        s_now = step_time_s(now.t_attention_s, now.t_moe_s, stages, in_flight)
+        s_now = step_time_s(now.t_attention_s, now.t_moe_s, shape)
         out = []
         for k in sorted(splits):
             pr = predictions[k]
-            s_k = step_time_s(pr.t_attention_s, pr.t_moe_s, stages, in_flight)
+            s_k = step_time_s(pr.t_attention_s, pr.t_moe_s, shape)
             gain = s_now - s_k
             cost = 0.0 if k == current_k else _cost(migration_cost, current_k, k)
             net = gain * p.rebalancing_interval - cost

@@ -65,13 +65,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ma_ray.config import Config
 from ma_ray.control.regression import KeyedBayesLinear
+from ma_ray.parallel.step_time import PipelineShape, imbalance
 from ma_ray.parallel.workload import ATTENTION_TERMS, MOE_TERMS, Workload
+
+if TYPE_CHECKING:
+    from ma_ray.runtime.step_metrics import StepMetrics
 
 STATE_VERSION = 1
 _EXTRA_TERMS = {"bytes", "sources"}  # zero prior mean: learned only if the data need them
@@ -94,7 +98,7 @@ class StagePrediction:
 
     @property
     def imbalance(self) -> float:
-        return abs(self.t_attention_s - self.t_moe_s) / max(self.t_attention_s, self.t_moe_s, 1e-300)
+        return imbalance(self.t_attention_s, self.t_moe_s)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -350,6 +354,7 @@ class StageTimePredictor:
         elif overrides:
             raise TypeError("pass either settings or keyword overrides, not both")
         self.cfg = cfg
+        self.pipeline = PipelineShape.from_config(cfg)  # what the policy's step-time model needs
         self._build(settings, reference_k)
 
     def _build(self, settings: PredictorSettings, reference_k: Optional[int]) -> None:
@@ -467,11 +472,12 @@ class StageTimePredictor:
         self.observations += 1
         return record
 
-    def observe_metrics(self, metrics: dict, step: Optional[int] = None, fit: bool = True) -> PredictionError:
-        """``observe`` from a ``runtime.job.summarize`` dict (keys ``attention_gpus``,
-        ``t_attention_s``, ``t_moe_s``, and ``expert_load`` when present)."""
-        return self.observe(metrics["attention_gpus"], metrics["t_attention_s"], metrics["t_moe_s"],
-                            expert_load=metrics.get("expert_load"), step=step, fit=fit)
+    def observe_metrics(self, metrics: StepMetrics, step: Optional[int] = None, fit: bool = True,
+                        expert_load: Optional[Sequence[float]] = None) -> PredictionError:
+        """``observe`` a step's ``runtime.step_metrics.StepMetrics`` (its split and stage times).
+        The step metrics carry no expert load; pass one as ``expert_load`` if you have it."""
+        return self.observe(metrics.attention_gpus, metrics.t_attention_s, metrics.t_moe_s,
+                            expert_load=expert_load, step=step, fit=fit)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -31,9 +31,8 @@ import yaml
 
 from ma_ray.config import Config, ConfigError
 from ma_ray.parallel.memory import attention_replicated_params, precision_of, tokens_per_micro_batch
+from ma_ray.parallel.step_time import FORWARD_SHARE  # noqa: F401 (re-exported; the share of a stage that is forward)
 from ma_ray.parallel.workload import Workload
-
-FORWARD_SHARE = 1.0 / 3.0  # of a stage's time; backward takes the rest
 
 
 def stand_in_config(cfg: Config) -> Config:

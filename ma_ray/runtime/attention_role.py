@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
 from ma_ray.model.stacks import AttentionStack
-from ma_ray.parallel.emulation import FORWARD_SHARE
+from ma_ray.parallel.step_time import FORWARD_SHARE
 from ma_ray.parallel.placement import ATTENTION
 from ma_ray.parallel.shares import balanced_ranges
 from ma_ray.runtime import schedule as S

@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ma_ray.model.stacks import ExpertStack
-from ma_ray.parallel.emulation import FORWARD_SHARE
+from ma_ray.parallel.step_time import FORWARD_SHARE
 from ma_ray.parallel.placement import MOE
 from ma_ray.runtime import schedule as S
 from ma_ray.runtime.role import Role, grad_of
