@@ -13,7 +13,7 @@ from ma_ray import config as C
 from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
 from ma_ray.model.attention import AttentionShard
-from ma_ray.model.compare import gradient_error, scalar_relative_error
+from ma_ray.verify.compare import gradient_error, scalar_relative_error
 from ma_ray.model.attention_side import AttentionSideParams
 from ma_ray.model.experts import ExpertGroup
 from ma_ray.model.naming import export_global, import_global, initialize, prefixed
@@ -193,3 +193,93 @@ def test_layout_independent_init_matches_reference():
     want = export_global(ref, ref.global_slices())
     for name, value in {**export_global(shard, shard.global_slices(1)), **export_global(group, group.global_slices(0))}.items():
         assert torch.equal(value, want[name]), name
+
+
+# --- router: the load-balancing loss in fp64, norm_topk_prob ----------------------------------------
+
+def aux_by_loops(probs, idx, seq_len, top_k, seq_aux):
+    """The load-balancing loss written out in Python floats: per sequence (seq_aux) or over the
+    micro-batch, sum_e f_e * P_e with f_e = E * count_e / (top_k * tokens), P_e the mean
+    probability; averaged over sequences when seq_aux."""
+    p, chosen = probs.tolist(), idx.tolist()
+    n, num_experts = len(p), len(p[0])
+    groups = [range(s, s + seq_len) for s in range(0, n, seq_len)] if seq_aux else [range(n)]
+    total = 0.0
+    for tokens in groups:
+        for e in range(num_experts):
+            count = sum(1 for t in tokens for j in range(top_k) if chosen[t][j] == e)
+            f = num_experts * count / (top_k * len(tokens))
+            total += f * sum(p[t][e] for t in tokens) / len(tokens)
+    return total / len(groups)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_load_balance_loss_is_fp64_accurate(seq_aux, top_k):
+    g = torch.Generator().manual_seed(3)
+    batch, seq, experts = 3, 7, 6
+    n = batch * seq
+    logits = torch.randn(n, experts, generator=g, dtype=torch.float64, requires_grad=True)
+    probs, _, idx = R.route(logits, top_k, False)
+    counts = R.expert_counts(idx, experts, seq, seq_aux)
+    aux = R.load_balance_loss(probs, 0, counts, seq, n, top_k, seq_aux)
+    assert aux.dtype == torch.float64
+    want = aux_by_loops(probs.detach(), idx, seq, top_k, seq_aux)
+    assert abs(aux.item() - want) <= 1e-12 * abs(want)
+    # The slices of the attention workers add up to the same loss.
+    parts = sum(R.load_balance_loss(probs[lo:hi], lo, counts, seq, n, top_k, seq_aux)
+                for lo, hi in ((0, 5), (5, 13), (13, n)))
+    assert abs(parts.item() - want) <= 1e-12 * abs(want)
+    # The router's gradient, against the same loss built another way: f from integer counts of
+    # the chosen experts, P from a token-to-group averaging matrix.
+    chosen = idx.tolist()
+    groups = [list(range(s, s + seq)) for s in range(0, n, seq)] if seq_aux else [list(range(n))]
+    average = torch.zeros(len(groups), n, dtype=torch.float64)
+    f = torch.zeros(len(groups), experts, dtype=torch.float64)
+    for gi, tokens in enumerate(groups):
+        for t in tokens:
+            average[gi, t] = 1.0 / len(tokens)
+            for e in chosen[t]:
+                f[gi, e] += experts / (top_k * len(tokens))
+    other = ((average @ torch.softmax(logits, dim=-1)) * f).sum() / len(groups)
+    (grad,) = torch.autograd.grad(aux, logits)
+    (want_grad,) = torch.autograd.grad(other, logits)
+    assert torch.allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+    assert float((grad - want_grad).abs().max()) <= 1e-12 * float(want_grad.abs().max())
+
+
+def test_expert_counts_are_exact_integers():
+    idx = torch.tensor([[0, 2], [2, 1], [2, 0], [1, 0]])
+    assert R.expert_counts(idx, 3, 2, False).tolist() == [3, 2, 3]
+    assert R.expert_counts(idx, 3, 2, True).tolist() == [[1, 1, 2], [2, 1, 1]]
+    assert not R.expert_counts(idx, 3, 2, False).is_floating_point()
+
+
+def test_norm_topk_prob_renormalises_only_above_top_1():
+    """DeepSeek-MoE's meaning: top-1 keeps its raw softmax probability, top-k > 1 sums to 1."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0], [0.0, 0.3, 0.2, -0.4]], dtype=torch.float64)
+    by_hand = torch.exp(logits) / torch.exp(logits).sum(dim=-1, keepdim=True)
+    for norm in (True, False):
+        probs, top1, idx1 = R.route(logits, 1, norm)
+        assert torch.allclose(probs, by_hand, rtol=1e-15, atol=0)
+        assert idx1.tolist() == [[0], [1]]
+        assert torch.equal(top1, probs.gather(1, idx1))  # the raw probability, not 1.0
+        assert float(top1.max()) < 0.7
+    probs, top2, idx2 = R.route(logits, 2, True)
+    assert idx2.tolist() == [[0, 3], [1, 2]]
+    raw = probs.gather(1, idx2)
+    assert torch.equal(top2, raw / raw.sum(dim=-1, keepdim=True))
+    assert torch.allclose(top2.sum(dim=-1), torch.ones(2, dtype=torch.float64), rtol=1e-15, atol=0)
+    _, top2_raw, _ = R.route(logits, 2, False)
+    assert torch.equal(top2_raw, raw)
+
+
+def test_top_1_with_norm_topk_prob_keeps_the_router_in_the_output():
+    """With the raw probability as weight, the MoE output depends on the gate (it would not with 1.0)."""
+    cfg = make_cfg(**{"moe.top_k": 1, "moe.norm_topk_prob": True, "train.mixed_precision": "fp64"})
+    ref = MoETransformer(cfg, seed=0).double()
+    h = torch.randn(2, 8, cfg.model.hidden_size, dtype=torch.float64)
+    out, _, _ = ref.blocks[0].moe(h)
+    (grad,) = torch.autograd.grad(out.square().sum(), ref.blocks[0].moe.gate.weight)
+    assert float(grad.abs().max()) > 0
+

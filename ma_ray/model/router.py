@@ -38,12 +38,17 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
 def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over experts (in fp32) and top-k.
 
-    Returns ``probs`` [N, E], ``topk_prob`` [N, k] (renormalised when ``norm_topk_prob``) and
-    ``topk_idx`` [N, k].
+    Returns ``probs`` [N, E], ``topk_prob`` [N, k] (renormalised to sum to 1 when
+    ``norm_topk_prob`` and ``top_k > 1``) and ``topk_idx`` [N, k].
+
+    ``norm_topk_prob`` means what it means in DeepSeek-MoE's ``MoEGate``, where the key comes
+    from: the top-k weights are renormalised only when ``top_k > 1``. A top-1 token keeps its raw
+    softmax probability as its weight (renormalising one weight would make it 1.0 and cut the
+    router out of the output's gradient).
     """
     probs = torch.softmax(at_least_fp32(logits), dim=-1)
     topk_prob, topk_idx = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
+    if norm_topk_prob and top_k > 1:
         topk_prob = topk_prob / topk_prob.sum(dim=-1, keepdim=True)
     return probs, topk_prob, topk_idx
 
@@ -61,11 +66,12 @@ def capacity_keep(topk_idx: torch.Tensor, num_experts: int, cap: int) -> torch.T
 
 
 def expert_counts(topk_idx: torch.Tensor, num_experts: int, seq_len: int, per_sequence: bool) -> torch.Tensor:
-    """Routed assignments per expert (before capacity): [E], or [B, E] per sequence.
+    """Routed assignments per expert (before capacity): [E], or [B, E] per sequence, as exact
+    integers (int64); ``load_balance_loss`` takes them to the probabilities' dtype.
 
     ``topk_idx`` covers the whole micro-batch, flattened batch-major.
     """
-    one_hot = torch.nn.functional.one_hot(topk_idx, num_experts).sum(dim=1).float()  # [N, E]
+    one_hot = torch.nn.functional.one_hot(topk_idx, num_experts).sum(dim=1)  # [N, E], int64
     if per_sequence:
         return one_hot.reshape(-1, seq_len, num_experts).sum(dim=1)
     return one_hot.sum(dim=0)
@@ -80,9 +86,11 @@ def load_balance_loss(probs: torch.Tensor, token_offset: int, counts: torch.Tens
     micro-batch. The loss is ``sum_e f_e * P_e`` with ``f_e = E * count_e / (k * tokens)`` and
     ``P_e`` the mean probability, per sequence and averaged over sequences when ``seq_aux``
     (DeepSeek-style), over the whole micro-batch otherwise. It is linear in ``probs``, so the
-    slices' shares add up to the whole.
+    slices' shares add up to the whole. ``f`` is computed in ``probs``' dtype, so an fp64 loss
+    is fp64-accurate.
     """
     n, num_experts = probs.shape
+    counts = counts.to(probs.dtype)
     if not seq_aux:
         f = counts * num_experts / (top_k * num_tokens)
         return (probs.sum(dim=0) * f).sum() / num_tokens
