@@ -31,7 +31,7 @@ class ModelConfig:
     num_attention_heads: int = 32
     attention_head_size: int = 128
     intermediate_size: int = 16384  # hidden size of each expert's feed-forward
-    hidden_act: Literal["gelu"] = "gelu"
+    hidden_act: Literal["gelu", "relu", "silu"] = "gelu"  # the experts' activation
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 2048

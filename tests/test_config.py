@@ -365,6 +365,12 @@ def test_check_split_with_another_policy_range():
         check_split(Config(), 16, key="rebalance", policy_range=(2, 16))
 
 
+def test_hidden_act_accepts_what_the_experts_implement():
+    assert error_of(["model.hidden_act=swish"]) == "model.hidden_act: must be one of gelu, relu, silu, got 'swish'"
+    assert load(None, ["model.hidden_act=silu"]).model.hidden_act == "silu"
+    assert Config().model.hidden_act == "gelu"
+
+
 # --- renamed keys ----------------------------------------------------------------------------------
 
 def _lookup(data, dotted):

@@ -283,3 +283,45 @@ def test_top_1_with_norm_topk_prob_keeps_the_router_in_the_output():
     (grad,) = torch.autograd.grad(out.square().sum(), ref.blocks[0].moe.gate.weight)
     assert float(grad.abs().max()) > 0
 
+
+# --- model.hidden_act ------------------------------------------------------------------------------
+
+ACTS_BY_HAND = {
+    "gelu": lambda x: 0.5 * x * (1.0 + torch.erf(x / 2.0 ** 0.5)),
+    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "silu": lambda x: x / (1.0 + torch.exp(-x)),
+}
+
+
+def test_hidden_act_names_are_one_list():
+    import typing
+
+    from ma_ray.model import experts as X
+    from ma_ray.model import reference as REF
+
+    names = set(typing.get_args(typing.get_type_hints(C.ModelConfig)["hidden_act"]))
+    assert names == set(X.ACTIVATIONS) == set(REF.ACTIVATIONS) == set(ACTS_BY_HAND)
+
+
+@pytest.mark.parametrize("act", sorted(ACTS_BY_HAND))
+def test_experts_apply_the_configured_activation(act):
+    cfg = make_cfg(**{"model.hidden_act": act})
+    group = ExpertGroup(cfg.model, [1, 3]).double()
+    initialize(group, list(group.global_slices(0)), 0.5, 0)
+    ref = MoETransformer(cfg, seed=0).double()
+    import_global(ref, ref.global_slices(), {**export_global(ref, ref.global_slices()),
+                                            **export_global(group, group.global_slices(0))})
+    rows = torch.randn(5, cfg.model.hidden_size, dtype=torch.float64)
+    got = group(rows, [2, 3])
+    for i, (lo, hi) in enumerate(((0, 2), (2, 5))):
+        x = rows[lo:hi]
+        inner = ACTS_BY_HAND[act](x @ group.fc1_weight[i].T + group.fc1_bias[i])
+        want = inner @ group.fc2_weight[i].T + group.fc2_bias[i]
+        assert torch.allclose(got[lo:hi], want, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(ref.blocks[0].moe.experts[group.experts[i]](x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_shards_match_reference_with_other_activations(act):
+    cfg = make_cfg(**{"model.hidden_act": act})
+    check_equivalence(cfg, [[0, 1], [2, 3], [4], [5]], [[0, 1, 2], [3, 4]])

@@ -7,7 +7,7 @@ count per expert of the group.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Dict, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,11 +15,15 @@ from torch.nn import functional as F
 
 from ma_ray.model.naming import GlobalSlice, expert_slices
 
+# ``model.hidden_act`` -> the experts' activation; the config's Literal lists the same names.
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
 
 class ExpertGroup(nn.Module):
     def __init__(self, model_cfg, experts: Sequence[int]):
         super().__init__()
         self.experts = list(experts)
+        self.act = ACTIVATIONS[model_cfg.hidden_act]
         n, hidden, inner = len(self.experts), model_cfg.hidden_size, model_cfg.intermediate_size
         self.fc1_weight = nn.Parameter(torch.empty(n, inner, hidden))
         self.fc1_bias = nn.Parameter(torch.empty(n, inner))
@@ -35,7 +39,7 @@ class ExpertGroup(nn.Module):
         for i, chunk in enumerate(torch.split(rows, list(counts))):
             if chunk.shape[0] == 0:
                 continue
-            inner = F.gelu(F.linear(chunk, self.fc1_weight[i], self.fc1_bias[i]))
+            inner = self.act(F.linear(chunk, self.fc1_weight[i], self.fc1_bias[i]))
             outs.append(F.linear(inner, self.fc2_weight[i], self.fc2_bias[i]))
         if not outs:
             # Still a function of the parameters, so a backward over it runs (and does nothing).

@@ -9,7 +9,8 @@ style) and independently of the sharded pieces:
   the pools);
 * causal multi-head attention through ``scaled_dot_product_attention`` (scale 1/sqrt(head_dim));
 * MoE feed-forward: linear gate without bias, softmax, top-k, capacity with a fixed drop order
-  (``ma_ray.model.router``), GELU experts hidden -> intermediate -> hidden;
+  (``ma_ray.model.router``), experts hidden -> intermediate -> hidden with ``model.hidden_act``
+  (GELU by default) between;
 * final LayerNorm and an untied LM head without bias; cross-entropy loss.
 
 Loss of a micro-batch = CE + aux_loss_alpha * sum_layers(aux) + router_z_loss_coef * sum_layers(z).
@@ -44,14 +45,20 @@ def combine_loss(cfg, ce, aux, z) -> LossParts:
     return LossParts(ce + cfg.moe.aux_loss_alpha * aux + cfg.moe.router_z_loss_coef * z, ce, aux, z)
 
 
+# ``model.hidden_act`` -> activation module (kept apart from experts.py's table on purpose: the
+# tests compare the two).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
 class Expert(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, hidden_act: str):
         super().__init__()
         self.fc1 = nn.Linear(hidden, inner)
+        self.act = ACTIVATIONS[hidden_act]()
         self.fc2 = nn.Linear(inner, hidden)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class MoEBlock(nn.Module):
@@ -60,7 +67,8 @@ class MoEBlock(nn.Module):
         m, moe = cfg.model, cfg.moe
         self.moe = moe
         self.gate = nn.Linear(m.hidden_size, moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(m.hidden_size, m.intermediate_size) for _ in range(moe.num_experts))
+        self.experts = nn.ModuleList(Expert(m.hidden_size, m.intermediate_size, m.hidden_act)
+                                     for _ in range(moe.num_experts))
 
     def forward(self, h: torch.Tensor):
         b, t, hidden = h.shape
