@@ -27,11 +27,11 @@ optimizer steps completed so far), or whenever the caller passes ``force=True``:
      the ideal ping-pong pipeline of the job's micro-batches, layers and micro-batches in flight
      ``p``, with transfers taken as free (the predictor predicts compute stage times only; the
      rows that cross are the same whatever the split). It is the same model the benchmarks and
-     the overlap figures use. Per group of ``p`` micro-batches it is the larger of the busier
-     pool's ``p L`` stages (plus the lighter pool's first and last) and the last micro-batch's
-     chain, so at ``p`` = 1 the pools take turns, ``S = stages (T_a + T_m)``, and the best split
-     minimises the sum; with pipelining the slower pool sets the pace and the best split
-     balances them. Gradient sync and the optimizer are left out (about the same for every k);
+     the overlap figures use. At ``p`` = 1 the pools take turns, ``S = stages (T_a + T_m)``,
+     and the best split minimises the sum; with ``p >= 2`` each group of ``p`` micro-batches
+     takes the slower pool's ``p L`` stages plus one stage of the lighter pool (fill and drain),
+     so the slower pool sets the pace and the best split balances them. Gradient sync and the
+     optimizer are left out (about the same for every k);
    * gain ``G(k) = S(current) - S(k)`` seconds per step; net ``N(k) = G(k) * interval -
      migration(current, k)``: the migration pause is paid against the gain over the next
      interval (the soonest the policy could undo the move);
