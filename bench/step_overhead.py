@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from ma_ray import config as config_mod  # noqa: E402
 from ma_ray.data import build_dataset  # noqa: E402
-from ma_ray.model.reference_trainer import ReferenceTrainer  # noqa: E402
+from ma_ray.verify.reference_trainer import ReferenceTrainer  # noqa: E402
 from ma_ray.runtime.cluster import connect  # noqa: E402
 from ma_ray.runtime.job import TrainingJob  # noqa: E402
 from ma_ray.runtime.step_metrics import summarize  # noqa: E402
@@ -126,20 +126,20 @@ def _install_op_timing() -> None:
 
     def train_step(self, step):
         walls = defaultdict(float)
-        for kind in {op.kind for op in self.schedule}:
-            def timed(mb, layer, _f=getattr(self, kind), _k=kind):
+        handlers = dict(self._handlers)
+        for kind, handler in handlers.items():
+            def timed(mb, layer, _f=handler, _k=kind):
                 t = _time.perf_counter()
                 _f(mb, layer)
                 walls[_k] += _time.perf_counter() - t
-            setattr(self, kind, timed)
+            self._handlers[kind] = timed
         t, c = _time.perf_counter(), _time.process_time()
         try:
             out = plain_step(self, step)
         finally:
-            for kind in walls.keys() | {op.kind for op in self.schedule}:
-                self.__dict__.pop(kind, None)
-        out["timings"].update({f"op:{k}": v for k, v in walls.items()},
-                              step_wall=_time.perf_counter() - t, step_cpu=_time.process_time() - c)
+            self._handlers.update(handlers)
+        out.timings.update({f"op:{k}": v for k, v in walls.items()},
+                           step_wall=_time.perf_counter() - t, step_cpu=_time.process_time() - c)
         return out
 
     _role.Role.train_step = train_step
@@ -148,8 +148,8 @@ def _install_op_timing() -> None:
 
 def distributed_step(job: TrainingJob, step: int):
     """``job.step`` with the workers' raw results kept (their per-label timings)."""
-    workers = [job.workers[g.slot] for g in job.plan.gpus]
-    results = ray.get([w.train_step.remote(step) for w in workers])
+    by_slot = job.workers.train_step(step)
+    results = [by_slot[g.slot] for g in job.plan.gpus]
     return summarize(job.cfg, job.plan, results), results
 
 
@@ -243,11 +243,11 @@ def main(argv=None) -> int:
             ref_times.append(tr)
             dist_times.append(td)
             for g, r in zip(job.plan.gpus, results):
-                for label, sec in r["timings"].items():
+                for label, sec in r.timings.items():
                     labels[g.gpu, label].append(sec)
             print(f"{rep:>3} {'ref,dist' if rep % 2 == 0 else 'dist,ref':>9} {tr:7.3f} {td:7.3f} {td / tr:6.3f}"
-                  f" {ref_loss:9.5f} {metrics['loss']:9.5f} {metrics['t_attention_s'] * 1e3:11.2f}ms"
-                  f" {metrics['t_moe_s'] * 1e3:7.2f}ms", flush=True)
+                  f" {ref_loss:9.5f} {metrics.loss:9.5f} {metrics.t_attention_s * 1e3:11.2f}ms"
+                  f" {metrics.t_moe_s * 1e3:7.2f}ms", flush=True)
         med_ref, med_dist = statistics.median(ref_times), statistics.median(dist_times)
         print(f"\nmedian reference step:   {med_ref:.4f} s  (min {min(ref_times):.4f}, max {max(ref_times):.4f})")
         print(f"median distributed step: {med_dist:.4f} s  (min {min(dist_times):.4f}, max {max(dist_times):.4f})")
