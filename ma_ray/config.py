@@ -156,6 +156,9 @@ class ControlConfig:
     # The controller is a named Ray actor: a notebook or `ma-ray status` finds it by these.
     name: str = "ma-ray-controller"
     namespace: str = "ma-ray"
+    # The most seconds the driver waits for the workers' answers to one call (set-up, a step, a
+    # migration, a checkpoint, an export); past it the call fails naming who did not answer.
+    worker_timeout_s: float = 600.0
 
 
 @dataclass
@@ -483,6 +486,8 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
              f"train.min_learning_rate: {t.min_learning_rate} exceeds train.learning_rate ({t.learning_rate})")
     _require(t.warmup_steps <= t.num_train_steps,
              f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
+    _require(cfg.control.worker_timeout_s > 0 and math.isfinite(cfg.control.worker_timeout_s),
+             f"control.worker_timeout_s: must be a positive number of seconds, got {cfg.control.worker_timeout_s}")
     _require(bool(cfg.control.name.strip()), "control.name: must not be empty")
     _require(bool(cfg.control.namespace.strip()), "control.namespace: must not be empty")
     _require(cfg.data.max_text_bytes is None or cfg.data.max_text_bytes >= 1,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ma_ray.config import Config
 from ma_ray.data import build_dataset
 from ma_ray.errors import MaRayError
-from ma_ray.parallel.emulation import stage_durations, stand_in_config
+from ma_ray.parallel.emulation import compute_setup
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
@@ -33,12 +33,12 @@ def train(cfg: Config, out: Path, steps: Optional[int] = None, progress: bool = 
     """Train up to step ``steps`` (default ``train.num_train_steps``); returns the last metrics."""
     from ma_ray.control.controller import Controller
 
+    # A bad calibration file fails here, before anything starts. The tokens are those of the
+    # tensors the workers compute with (the stand-in's under modelled compute).
+    compute_cfg, durations = compute_setup(cfg)
     if cfg.emulation.modelled_compute:
-        durations = stage_durations(cfg)  # a bad calibration file fails here, before anything starts
-        print("emulated compute, time model: " + json.dumps(durations.describe()), flush=True)
-        dataset = build_dataset(stand_in_config(cfg))  # the stand-in tensors' tokens
-    else:
-        dataset = build_dataset(cfg)
+        print("modelled compute, time model: " + json.dumps(durations.describe()), flush=True)
+    dataset = build_dataset(compute_cfg)
     start = 0
     if resume is not None:
         meta = checkpoint.read_meta(checkpoint.latest(resume))

@@ -469,3 +469,10 @@ def test_small_floats_survive_the_round_trip(tmp_path, capsys):
     printed = tmp_path / "p.yaml"
     printed.write_text(out)
     assert all(math.isclose(a, b) for a, b in zip(load(printed).balance.moe_time_coef, [8e-4, 4.5e-5, 1.2e-5]))
+
+
+@pytest.mark.parametrize("value", ["0", "-5", ".inf"])
+def test_worker_timeout_is_a_positive_finite_time(value):
+    assert "control.worker_timeout_s: must be a positive number of seconds" in error_of(
+        [f"control.worker_timeout_s={value}"])
+    assert load(None, ["control.worker_timeout_s=30"]).control.worker_timeout_s == 30.0

@@ -31,7 +31,6 @@ import yaml
 
 from ma_ray.config import Config, ConfigError
 from ma_ray.parallel.memory import attention_replicated_params, precision_of, tokens_per_micro_batch
-from ma_ray.parallel.step_time import FORWARD_SHARE  # noqa: F401 (re-exported; the share of a stage that is forward)
 from ma_ray.parallel.workload import Workload
 
 
@@ -132,6 +131,25 @@ class StageDurations:
                 "token_scale": self.token_scale,
                 "intra_node_gb_per_s": self.intra_node_bytes_per_s / 1e9,
                 "inter_node_gb_per_s": self.inter_node_bytes_per_s / 1e9}
+
+
+def no_durations(cfg: Config) -> StageDurations:
+    """The costs of computing for real: every stage and transfer is timed where it runs, so
+    nothing is modelled (all zeros; the stand-in scale is 1)."""
+    return StageDurations(
+        attention_terms=(0.0, 0.0, 0.0), moe_terms=(0.0, 0.0, 0.0), reference=(1, 1, 1, 1.0),
+        coefficients=([0.0] * 3, [0.0] * 3), source="computed for real", token_scale=1.0,
+        hidden_size=cfg.model.hidden_size, activation_bytes=0, replicated_grad_bytes=0,
+        intra_node_bytes_per_s=math.inf, inter_node_bytes_per_s=math.inf)
+
+
+def compute_setup(cfg: Config) -> Tuple[Config, StageDurations]:
+    """What the workers compute with, and the durations their device queues: under
+    ``emulation.modelled_compute`` the stand-in config and the modelled durations at ``cfg``'s
+    shapes; otherwise ``cfg`` itself and no modelled durations. A bad calibration file fails here."""
+    if cfg.emulation.modelled_compute:
+        return stand_in_config(cfg), stage_durations(cfg)
+    return cfg, no_durations(cfg)
 
 
 def stage_durations(cfg: Config) -> StageDurations:
