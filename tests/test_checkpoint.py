@@ -37,7 +37,7 @@ def test_resume_on_another_split_continues_the_run(cfg, tmp_path):
         for step in range(2):
             straight.step(step)
         folder = checkpoint.save(straight, tmp_path, 1)
-        losses = [straight.step(step)["loss"] for step in range(2, 5)]
+        losses = [straight.step(step).loss for step in range(2, 5)]
         want = straight.export()
         want_moments = straight.export("state", "exp_avg_sq")
     finally:
@@ -47,7 +47,7 @@ def test_resume_on_another_split_continues_the_run(cfg, tmp_path):
     resumed = TrainingJob(cfg, dataset, 2, torch_threads=1, checkpoint=str(folder))
     try:
         assert resumed.plan.attention_gpus == 2
-        got_losses = [resumed.step(step)["loss"] for step in range(2, 5)]
+        got_losses = [resumed.step(step).loss for step in range(2, 5)]
         got = resumed.export()
         got_moments = resumed.export("state", "exp_avg_sq")
     finally:

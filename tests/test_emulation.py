@@ -20,7 +20,7 @@ from ma_ray.parallel.placement import make_plan
 from ma_ray.parallel.workload import Workload
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
-from ma_ray.runtime.transfers import pack_block, unpack_block
+from ma_ray.runtime.transport import pack_block, unpack_block
 
 PAPER = "cluster/paper-16gpu.yaml"
 
@@ -134,15 +134,15 @@ def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
             "emulation.stand_in_seq_length": 16})
         rows = run(cfg)
         for row in rows:
-            assert row["t_attention_s"] == pytest.approx(0.05, rel=0.1), row
-            assert row["t_moe_s"] == pytest.approx(0.08, rel=0.1), row
-            assert math.isfinite(row["loss"]) and 0.0 <= row["overlap_efficiency"] <= 1.0
-        passes[in_flight] = min(row["t_passes_s"] for row in rows[1:])  # step 0 warms up
-        losses[in_flight] = [row["loss"] for row in rows]
+            assert row.t_attention_s == pytest.approx(0.05, rel=0.1), row
+            assert row.t_moe_s == pytest.approx(0.08, rel=0.1), row
+            assert math.isfinite(row.loss) and 0.0 <= row.overlap_efficiency <= 1.0
+        passes[in_flight] = min(row.t_passes_s for row in rows[1:])  # step 0 warms up
+        losses[in_flight] = [row.loss for row in rows]
     # By the analytic model 0.37 s against 0.52 s; this machine's per-message cost adds to both.
     assert passes[2] < 0.85 * passes[1], passes
 
     real = stand_in_config(cfg).replace(**{"emulation.modelled_compute": False, "schedule.communication_chunk_size": 3})
-    expected = [row["loss"] for row in run(real)]
+    expected = [row.loss for row in run(real)]
     for in_flight in (1, 2):
         assert losses[in_flight] == pytest.approx(expected, rel=1e-5), (in_flight, losses, expected)

@@ -97,7 +97,7 @@ def test_capacity_drops_are_exercised():
         metrics = job.step(0)
     finally:
         job.shutdown()
-    assert 0.0 < metrics["dropped_fraction"] < 1.0
+    assert 0.0 < metrics.dropped_fraction < 1.0
     assert math.isfinite(metrics["loss"]) and metrics["t_attention_s"] > 0 and metrics["t_moe_s"] > 0
 
 

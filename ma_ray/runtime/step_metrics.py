@@ -59,16 +59,6 @@ class StepMetrics:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def __getitem__(self, key: str):
-        """Read access by field name, for callers written against the dict this record
-        replaced (``metrics["loss"]``); new code reads the attributes."""
-        if key not in _FIELDS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-
-_FIELDS = frozenset(f.name for f in dataclasses.fields(StepMetrics))
-
 
 def summarize(cfg, plan, results: List[WorkerStepResult]) -> StepMetrics:
     """The job's metrics of a step from the workers' results (listed in global-id order)."""

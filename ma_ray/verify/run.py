@@ -83,8 +83,8 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
             want = reference.step([dataset.micro_batch(step, i) for i in range(dataset.grad_accum)])
             grad, grad_name = gradient_error(job.export("grad"), reference.gradients_by_name())
             param, param_name = parameter_error(job.export(), reference.parameters_by_name(), init_std)
-            per_step.append({"loss": got["loss"], "reference_loss": want["total"],
-                             "loss_rel_err": scalar_relative_error(got["loss"], want["total"]),
+            per_step.append({"loss": got.loss, "reference_loss": want["total"],
+                             "loss_rel_err": scalar_relative_error(got.loss, want["total"]),
                              "grad_rel_err": grad, "worst_grad": grad_name,
                              "param_rel_err": param, "worst_param": param_name})
     finally:
