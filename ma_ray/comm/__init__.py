@@ -1,21 +1,24 @@
 """Collectives between worker actors, on top of `ray.util.collective`.
 
-- groups.py: create/destroy named groups (NCCL on GPU, else the CPU backend) and the ops;
+- backend.py: which backend a worker's groups use (`comm.backend`: auto, nccl or gloo);
+- groups.py: create/destroy named groups (on the chosen backend) and the ops;
 - cpu_backend.py: the CPU backend (one independent ProcessGroupGloo per group);
 - rendezvous.py: how a CPU group's members find rank 0's store (Ray's KV);
 - handles.py: handles of non-blocking ops, `.wait()` bounded by the group's timeout;
 - uneven.py: all-gather / reduce-scatter of slices with different first dims;
 - errors.py: CommError / CommTimeoutError, naming group, worker and op.
 
-In a worker actor: `create_group(name, members, rank, timeout_ms=...)`, then the ops with
-`group=name`, then `destroy_group(name)`.
+In a worker actor: `backend = backend_for_device(cfg.comm.backend, device)` once, then
+`create_group(name, members, rank, timeout_ms=..., backend=backend)`, the ops with `group=name`,
+then `destroy_group(name)`.
 """
 
+from ma_ray.comm.backend import NCCL_BACKEND, backend_for_device, choose_backend
 from ma_ray.comm.cpu_backend import BACKEND_NAME as CPU_BACKEND
 from ma_ray.comm.cpu_backend import CpuGlooGroup, GroupOptions, ensure_registered
 from ma_ray.comm.errors import CommError, CommTimeoutError
-from ma_ray.comm.groups import (NCCL_BACKEND, allgather, allreduce, barrier, broadcast,
-                                choose_backend, create_group, destroy_group, has_group,
+from ma_ray.comm.groups import (allgather, allreduce, barrier, broadcast,
+                                create_group, destroy_group, has_group,
                                 iallgather, iallreduce, ibarrier, ibroadcast, irecv,
                                 ireducescatter, isend, rank, recv, reduce, reducescatter, send,
                                 world_size)
@@ -27,7 +30,8 @@ from ray.util.collective.types import ReduceOp
 __all__ = [
     "CPU_BACKEND", "NCCL_BACKEND", "CommError", "CommHandle", "CommTimeoutError",
     "CompletedHandle", "CpuGlooGroup", "GroupOptions", "ReduceOp", "allgather",
-    "allgather_uneven", "allreduce", "barrier", "broadcast", "choose_backend", "create_group",
+    "allgather_uneven", "allreduce", "backend_for_device", "barrier", "broadcast", "choose_backend",
+    "create_group",
     "destroy_group", "ensure_registered", "exchange_sizes", "has_group", "iallgather",
     "iallgather_uneven", "iallreduce", "ibarrier", "ibroadcast", "irecv", "ireducescatter",
     "ireducescatter_uneven", "isend", "rank", "recv", "reduce", "reducescatter",

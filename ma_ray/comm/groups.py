@@ -2,8 +2,9 @@
 
 A worker actor creates each group it belongs to with `create_group(name, members, rank)` (all
 members call it concurrently, with the same `members`), uses the ops below with that name, and
-`destroy_group(name)` when the split between pools changes. The backend is NCCL when this process
-sees a GPU and cupy is installed, else the CPU backend of `cpu_backend.py`.
+`destroy_group(name)` when the split between pools changes. The backend is the caller's choice
+(`backend.backend_for_device(cfg.comm.backend, device)`); without one, NCCL when this process sees
+a GPU and cupy is installed, else the CPU backend of `cpu_backend.py`.
 
 Blocking ops go through `ray.util.collective`'s public API. The non-blocking ones (`i*`) return
 a handle with `.wait()`; on the CPU backend they are truly asynchronous and `.wait()` is bounded
@@ -21,33 +22,19 @@ from typing import Any, List, Optional, Sequence
 import ray.util.collective as col
 from ray.util.collective.types import ReduceOp
 
+from ma_ray.comm.backend import NCCL_BACKEND, backend_for_device
 from ma_ray.comm.cpu_backend import (BACKEND_NAME as CPU_BACKEND, DEFAULT_INIT_TIMEOUT_MS,
                                      DEFAULT_TIMEOUT_MS, CpuGlooGroup, GroupOptions,
                                      ensure_registered, stage_options, unstage_options)
 from ma_ray.comm.handles import CompletedHandle
 
-NCCL_BACKEND = "NCCL"
-
-
-def choose_backend() -> str:
-    """NCCL when this process has a GPU and cupy (the `gpu` extra), else the CPU backend.
-
-    The device comes from torch, not from Ray: an actor given a (possibly emulated) GPU by Ray
-    can still have no CUDA device."""
-    import torch
-
-    if torch.cuda.is_available():
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return CPU_BACKEND
-        if col.nccl_available():
-            return NCCL_BACKEND
-    return CPU_BACKEND
-
 
 def _resolve_backend(backend: Optional[str]) -> str:
-    backend = (backend or choose_backend()).upper()
+    if backend is None:
+        import torch
+
+        backend = backend_for_device("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    backend = backend.upper()
     # Ray's built-in GLOO is never what a caller asking for "gloo" wants (see cpu_backend.py).
     return CPU_BACKEND if backend in ("CPU", "GLOO", "TORCH_GLOO") else backend
 
@@ -61,8 +48,9 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
     Blocks until every member has joined (at most `init_timeout_ms`). `timeout_ms` bounds every
     later op of the group (config `comm.synchronization_timeout_ms`; CPU backend only).
     `generation` must differ between two incarnations of a group with the same name and members
-    whose lifetimes may overlap. `backend`: None (choose_backend()), "nccl", or "cpu" / "gloo"
-    (both mean this package's CPU backend). Returns the backend used.
+    whose lifetimes may overlap. `backend`: what `backend.backend_for_device` returned (NCCL or
+    the CPU backend), "nccl", "cpu" / "gloo" (both mean this package's CPU backend), or None
+    (comm.backend auto on this process's device). Returns the backend used.
     """
     if not 0 <= rank < len(members):
         raise ValueError(f"group '{name}': rank {rank} outside {len(members)} members")
