@@ -16,6 +16,7 @@ from ma_ray.verify.compare import parameter_error
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, exact_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +65,10 @@ def test_failed_save_leaves_the_previous_checkpoint(cfg, tmp_path):
         job.step(0)
         first = checkpoint.save(job, tmp_path, 0)
         job.step(1)
-        ray.kill(job.workers[job.plan.moe_workers()[0].slot])
-        with pytest.raises(ray.exceptions.RayError):
+        victim = job.plan.moe_workers()[0]
+        ray.kill(job.workers.actors[victim.slot])
+        with pytest.raises(WorkerCallFailed, match=f"checkpoint save failed on 1 of 6 workers: "
+                                                   f"node{victim.node}-gpu{victim.local_gpu} \\(moe\\): ActorDiedError"):
             checkpoint.save(job, tmp_path, 1)
     finally:
         job.shutdown()

@@ -180,3 +180,18 @@ def test_local_preset_trains_in_bf16_with_activation_checkpointing():
     assert all(math.isfinite(x) for x in losses), losses
     # ln 256 = 5.55 is the uniform guess; byte-level text falls well below it within 8 steps.
     assert losses[0] > 5.0 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_nccl_backend_on_a_cpu_worker_fails_at_set_up_naming_the_key():
+    cfg = small(**{"comm.backend": "nccl"})
+    with pytest.raises(WorkerCallFailed) as err:
+        TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("set-up failed on 6 of 6 workers: node0-gpu0 (attention): "), text
+    assert "ConfigError: comm.backend: nccl needs a CUDA device" in text, text
+    # The failed job left nothing behind: the whole cluster's GPUs come free (Ray releases them
+    # asynchronously after the actors and the placement group are gone).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU") != ray.cluster_resources().get("GPU"):
+        assert time.monotonic() < deadline, (ray.available_resources(), ray.cluster_resources())
+        time.sleep(0.2)

@@ -41,9 +41,13 @@ class TrainingJob:
         grace_s = 2 * cfg.comm.synchronization_timeout_ms / 1000 + 5
         self.workers = WorkerGroup(Worker, self.pg, self.slots, cfg.control.worker_timeout_s, grace_s,
                                    self._describe, actor_args=(torch_threads,))
-        self._dataset_ref = ray.put(dataset)
-        self.workers.become(lambda slot: ((self.cfg, self.plan, slot, self.name, self.generation,
-                                           self._dataset_ref), {"checkpoint": checkpoint}))
+        try:
+            self._dataset_ref = ray.put(dataset)
+            self.workers.become(lambda slot: ((self.cfg, self.plan, slot, self.name, self.generation,
+                                               self._dataset_ref), {"checkpoint": checkpoint}))
+        except BaseException:
+            self.shutdown()  # nothing of a job that did not start stays on the cluster
+            raise
 
     def _describe(self, slot) -> str:
         """A slot's worker as errors name it: its place and its role in the current plan."""

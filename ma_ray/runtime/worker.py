@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import ray
 import torch
 
+from ma_ray.comm.backend import backend_for_device
 from ma_ray.comm.cpu_backend import ensure_registered
 from ma_ray.parallel.emulation import compute_setup
 from ma_ray.runtime.attention_role import AttentionRole
@@ -41,7 +42,7 @@ class Worker:
         self.role = None
         self.links = None
 
-    @dispatch(PER_SLOT)
+    @dispatch(PER_SLOT, "set-up")
     def become(self, cfg, plan, slot, job: str, generation: int, dataset,
                state_parts: Sequence = (), checkpoint: Optional[str] = None) -> dict:
         """Be the worker of ``plan`` at ``slot`` (node, local GPU): join the plan's groups, build
@@ -58,7 +59,8 @@ class Worker:
         self.cfg = cfg
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
-        self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000))
+        backend = backend_for_device(cfg.comm.backend, self.torch_device)
+        self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000), backend)
         s = cfg.schedule
         # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
         chunk_rows = max(1, round(s.communication_chunk_size / durations.token_scale))
@@ -79,21 +81,21 @@ class Worker:
         return {"gpu": me.gpu, "role": me.role, "device": str(self.torch_device),
                 "ray_gpu_ids": ray.get_gpu_ids(), "node_ip": ray.util.get_node_ip_address()}
 
-    @dispatch(ONE_TO_ALL, blocking=False, num_returns=lambda new_plan, slots: len(slots))
+    @dispatch(ONE_TO_ALL, "migration export", blocking=False, num_returns=lambda new_plan, slots: len(slots))
     def export_for(self, new_plan, slots: List) -> tuple:
         """This worker's state cut for each slot of ``new_plan`` (one return value per slot)."""
         mine = owned_state(self.cfg, self.role.me, self.role.export_state())
         return tuple(restrict(mine, names_of(self.cfg, new_plan.at_slot(slot))) for slot in slots)
 
-    @dispatch(ONE_TO_ALL)
+    @dispatch(ONE_TO_ALL, "train step")
     def train_step(self, step: int) -> WorkerStepResult:
         return self.role.train_step(step)
 
-    @dispatch(ONE_TO_ALL)
+    @dispatch(ONE_TO_ALL, "export")
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
         return self.role.export(which, key)
 
-    @dispatch(ONE_TO_ALL)
+    @dispatch(ONE_TO_ALL, "checkpoint save")
     def save_shard(self, folder: str) -> int:
         """Write the state this worker is the single source of into ``folder``; returns bytes."""
         me = self.role.me
@@ -104,7 +106,7 @@ class Worker:
         os.replace(tmp, path)
         return payload_bytes(state)
 
-    @dispatch(ONE_TO_ALL)
+    @dispatch(ONE_TO_ALL, "close")
     def close(self) -> None:
         if self.links is not None:
             self.links.close()

@@ -38,14 +38,15 @@ class WorkerCallFailed(MaRayError, RuntimeError):
     """A group call failed on some workers; the message names each and its first error line."""
 
 
-def dispatch(mode: str, blocking: bool = True, num_returns: Optional[Callable[..., int]] = None):
-    """Declare how a group call of the decorated worker method is spread and gathered.
-    ``num_returns(*args, **kwargs)``: return values per worker, for ``blocking=False`` calls."""
+def dispatch(mode: str, label: str, blocking: bool = True, num_returns: Optional[Callable[..., int]] = None):
+    """Declare how a group call of the decorated worker method is spread and gathered; ``label``
+    names the operation in errors. ``num_returns(*args, **kwargs)``: return values per worker,
+    for ``blocking=False`` calls."""
     if mode not in (ONE_TO_ALL, PER_SLOT):
         raise ValueError(f"unknown dispatch mode {mode!r}")
 
     def mark(fn):
-        setattr(fn, _ATTR, (mode, blocking, num_returns))
+        setattr(fn, _ATTR, (mode, label, blocking, num_returns))
         return fn
     return mark
 
@@ -80,7 +81,7 @@ class WorkerGroup:
             if hasattr(fn, _ATTR):
                 setattr(self, name, self._bind(name, *getattr(fn, _ATTR)))
 
-    def _bind(self, name: str, mode: str, blocking: bool, num_returns):
+    def _bind(self, name: str, mode: str, label: str, blocking: bool, num_returns):
         def call(*args, timeout_s: Optional[float] = None, **kwargs):
             if mode == ONE_TO_ALL:
                 spread = {slot: (args, kwargs) for slot in self.slots}
@@ -95,7 +96,7 @@ class WorkerGroup:
                 refs[slot] = method.remote(*a, **kw)
             if not blocking:
                 return {slot: list(ref) if isinstance(ref, (list, tuple)) else [ref] for slot, ref in refs.items()}
-            return self.gather(refs, name, self.timeout_s if timeout_s is None else timeout_s)
+            return self.gather(refs, label, self.timeout_s if timeout_s is None else timeout_s)
         call.__name__ = name
         return call
 
