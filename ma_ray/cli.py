@@ -149,11 +149,11 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify_run(args: argparse.Namespace) -> int:
-    from ma_ray.verify import parse_rebalances, verify
+    from ma_ray.verify import parse_rebalances, steps_to_verify, verify
 
     cfg = _run_config(args)
     rebalances = parse_rebalances(args.rebalance)
-    steps = args.steps or max(2, *(s + 1 for s in rebalances))
+    steps = steps_to_verify(args.steps, rebalances)
     report = verify(cfg, args.attention_gpus, steps, args.precision, rebalances=rebalances)
     print(json.dumps(report))
     return 0 if report["ok"] else 1

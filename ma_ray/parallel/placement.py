@@ -11,8 +11,9 @@ Which slots the MoE pool takes
     * every attention GPU talks to every MoE GPU at every layer; with the MoE pool spread evenly,
       each node carries the same share of that traffic on its inter-node link (and keeps the same
       share on its fast intra-node link), instead of one node's NIC carrying all of it;
-    * the hierarchical all-reduce of the attention pool reduces inside each node first; an even
-      spread leaves every node with the same number of attention GPUs (or one fewer), so the
+    * the seed's hierarchical all-reduce of the attention pool reduces inside each node first
+      (not built yet: today the pool's collectives are one flat ring, ``runtime.links``); an even
+      spread leaves every node with the same number of attention GPUs (or one fewer), so such
       intra-node groups are equal as far as the split allows and no node's group is the straggler;
     * the choice is nested: the MoE slots of a pool of ``m`` GPUs are the first ``m`` of one fixed
       order, so moving one GPU between the pools (k -> k +/- 1) changes the role of exactly one
@@ -116,8 +117,9 @@ class Plan:
         return [g.gpu for g in self.moe_workers()]
 
     def attention_ranks_by_node(self) -> Dict[int, List[int]]:
-        """Global ids of the attention GPUs of each node (the intra-node groups of the
-        hierarchical all-reduce); nodes without attention GPUs are left out."""
+        """Global ids of the attention GPUs of each node (the intra-node groups a hierarchical
+        all-reduce would use; today's collectives are flat); nodes without attention GPUs are
+        left out."""
         groups: Dict[int, List[int]] = {}
         for g in self.attention_workers():
             groups.setdefault(g.node, []).append(g.gpu)

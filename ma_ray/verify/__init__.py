@@ -4,6 +4,6 @@
 optimizer rules; ``compare`` defines the relative errors the report and the tests use.
 """
 
-from ma_ray.verify.run import TOLERANCE, exact_settings, parse_rebalances, verify
+from ma_ray.verify.run import TOLERANCE, exact_settings, parse_rebalances, steps_to_verify, verify
 
-__all__ = ["TOLERANCE", "exact_settings", "parse_rebalances", "verify"]
+__all__ = ["TOLERANCE", "exact_settings", "parse_rebalances", "steps_to_verify", "verify"]

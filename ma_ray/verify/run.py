@@ -49,6 +49,11 @@ def parse_rebalances(text: Optional[str]) -> Dict[int, int]:
     return out
 
 
+def steps_to_verify(steps: Optional[int], rebalances: Dict[int, int]) -> int:
+    """``--steps`` when given; else 2, or one past the last rebalance."""
+    return steps or max([2, *(step + 1 for step in rebalances)])
+
+
 def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, precision: str = "fp64",
            torch_threads: Optional[int] = 1, rebalances: Optional[Dict[int, int]] = None) -> dict:
     """Run ``steps`` steps both ways; the report's ``ok`` holds when every error is within TOLERANCE

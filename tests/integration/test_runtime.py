@@ -2,7 +2,7 @@
 
 Every case runs ``verify``: the distributed job and the single-process reference start from the
 same parameters, see the same batches, and must agree in loss, every gradient and every updated
-parameter. Ray starts once for the module.
+parameter. The module runs on the shared emulated cluster (``conftest.py``).
 """
 
 import math
@@ -13,7 +13,7 @@ import ray
 
 from ma_ray import config as C
 from ma_ray.data import build_dataset
-from ma_ray.runtime.cluster import ClusterError, connect
+from ma_ray.runtime.cluster import ClusterError
 from ma_ray.runtime.job import TrainingJob
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, verify
@@ -22,11 +22,7 @@ from ma_ray.verify.run import BF16_TOLERANCE
 LOCAL = "cluster/local-cpu.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    connect(C.load(LOCAL).cluster, num_cpus=2)  # 16 emulated GPUs
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # tests/integration/conftest.py: 16 emulated GPUs
 
 
 def small(**over):

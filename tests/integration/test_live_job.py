@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 import ma_ray
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "live-job.yaml"
 NOTEBOOK = ROOT / "notebooks" / "rebalancing.ipynb"
 

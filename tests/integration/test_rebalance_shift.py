@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ma_ray import config as C
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "cluster" / "rebalance-emulated.yaml"
 
 

@@ -1,12 +1,11 @@
 """ma_ray.comm on a real local Ray cluster: 4 CPU actors, groups of different membership.
 
-Ray starts once for the module. Each test body runs functions inside the actors (shipped by
+They run on the shared emulated cluster (``conftest.py``). Each test body runs functions inside the actors (shipped by
 value with cloudpickle, so the workers need not import this file).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import socket
 import sys
@@ -35,19 +34,13 @@ class Peer:
 
 
 @pytest.fixture(scope="module")
-def peers():
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=N_PEERS, include_dashboard=False, log_to_driver=False)
+def peers(ray_cluster):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     actors = [Peer.remote(i) for i in range(N_PEERS + 1)]
     ray.get([a.run.remote(lambda i: i) for a in actors], timeout=120)
     yield actors
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
+    for actor in actors:
+        ray.kill(actor)
 
 
 def name_of(index: int) -> str:

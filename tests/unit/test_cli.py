@@ -11,7 +11,7 @@ import pytest
 
 from ma_ray.cli import COMMANDS, build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "cluster" / "local-cpu.yaml"
 
 
@@ -174,3 +174,12 @@ def test_commands_are_registered():
     assert {"config", "plan"} <= set(COMMANDS)
     help_text = build_parser().format_help()
     assert "config" in help_text and "plan" in help_text
+
+
+def test_verify_steps_default_with_and_without_rebalances():
+    # `ma-ray verify` with neither --steps nor --rebalance used to die in max() with a traceback.
+    from ma_ray.verify import parse_rebalances, steps_to_verify
+
+    assert steps_to_verify(None, {}) == 2
+    assert steps_to_verify(None, parse_rebalances("2:10,4:13")) == 5
+    assert steps_to_verify(3, parse_rebalances("1:10")) == 3

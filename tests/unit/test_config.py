@@ -16,7 +16,7 @@ from ma_ray import config as config_module
 from ma_ray.cli import main
 from ma_ray.config import Config, ConfigError, check_split, load
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "cluster" / "paper-16gpu.yaml"
 LOCAL = ROOT / "cluster" / "local-cpu.yaml"
 

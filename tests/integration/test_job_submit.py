@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "tests/configs/job-submit.yaml"  # relative: the job runs in the uploaded working dir
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"

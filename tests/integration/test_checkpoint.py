@@ -14,20 +14,17 @@ from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.verify.compare import parameter_error
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.cluster import connect
 from ma_ray.runtime.job import TrainingJob
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, exact_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def cfg():
+def cfg(ray_cluster):
     base = C.load(ROOT / "tests" / "configs" / "live-job.yaml", ["train.num_train_steps=6", "moe.capacity_factor=0.75"])
-    connect(base.cluster, num_cpus=2)
-    yield exact_settings(base, "fp64")
-    ray.shutdown()
+    return exact_settings(base, "fp64")
 
 
 

@@ -16,7 +16,7 @@ from ma_ray.parallel.split import feasible as split_feasible, split_error
 from ma_ray.parallel.workload import Workload
 from ma_ray.parallel.time_model import attention_time, moe_time
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "cluster" / "local-cpu.yaml"
 
 

@@ -1,0 +1,34 @@
+"""Integration tests: they start Ray. Every module that runs jobs in this process shares one
+emulated local cluster (the local preset's 16 fake GPUs on this machine's cores): it starts on
+first use and stops when the session ends. ``test_live_job`` attaches this process to the
+cluster of a ``ma-ray train`` it starts itself, so it runs first, before the shared one is up.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from ma_ray import config as C
+from ma_ray.runtime.cluster import connect
+
+LOCAL = "cluster/local-cpu.yaml"
+RUN_FIRST = ("test_live_job.py",)  # attach to another cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        connect(C.load(LOCAL).cluster, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def order(item):
+        integration = "integration" in item.path.parts
+        return (integration, not (integration and item.path.name in RUN_FIRST))
+    items.sort(key=order)
