@@ -448,7 +448,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
                         ("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
                         ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
-    # The policy's hysteresis knobs (tested with the policy, tests/test_control.py).
+    # The policy's hysteresis knobs (tested with the policy, tests/unit/test_control.py).
     _require(b.min_gain_fraction >= 0 and math.isfinite(b.min_gain_fraction),
              f"balance.min_gain_fraction: must not be negative, got {b.min_gain_fraction}")
     _require(b.return_window >= 0, f"balance.return_window: must not be negative, got {b.return_window}")

@@ -94,7 +94,7 @@ def test_capacity_drops_are_exercised():
     finally:
         job.shutdown()
     assert 0.0 < metrics.dropped_fraction < 1.0
-    assert math.isfinite(metrics["loss"]) and metrics["t_attention_s"] > 0 and metrics["t_moe_s"] > 0
+    assert math.isfinite(metrics.loss) and metrics.t_attention_s > 0 and metrics.t_moe_s > 0
 
 
 def test_fp32_matches_reference_in_loss_and_gradients():
