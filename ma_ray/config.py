@@ -106,6 +106,10 @@ class CommConfig:
     compression_overhead: float = 0.05
     overlap_efficiency_target: float = 0.85
     hierarchical_allreduce: bool = True
+    # The CPU backend behaves like Ray's NCCL group: every op blocking in issue order, sends that
+    # complete only at the matching receive, a wait past the timeout reported as a deadlock
+    # (ma_ray/comm/cpu_backend.py). MA_RAY_STRICT_NCCL=1 turns it on for a whole run.
+    strict_nccl: bool = False
 
 
 @dataclass

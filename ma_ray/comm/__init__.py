@@ -16,7 +16,7 @@ then `destroy_group(name)`.
 from ma_ray.comm.backend import NCCL_BACKEND, backend_for_device, choose_backend
 from ma_ray.comm.cpu_backend import BACKEND_NAME as CPU_BACKEND
 from ma_ray.comm.cpu_backend import CpuGlooGroup, GroupOptions, ensure_registered
-from ma_ray.comm.errors import CommError, CommTimeoutError
+from ma_ray.comm.errors import CommDeadlockError, CommError, CommTimeoutError
 from ma_ray.comm.groups import (allgather, allreduce, barrier, broadcast,
                                 create_group, destroy_group, has_group,
                                 iallgather, iallreduce, ibarrier, ibroadcast, irecv,
@@ -28,7 +28,7 @@ from ma_ray.comm.uneven import (allgather_uneven, exchange_sizes, iallgather_une
 from ray.util.collective.types import ReduceOp
 
 __all__ = [
-    "CPU_BACKEND", "NCCL_BACKEND", "CommError", "CommHandle", "CommTimeoutError",
+    "CPU_BACKEND", "NCCL_BACKEND", "CommDeadlockError", "CommError", "CommHandle", "CommTimeoutError",
     "CompletedHandle", "CpuGlooGroup", "GroupOptions", "ReduceOp", "allgather",
     "allgather_uneven", "allreduce", "backend_for_device", "barrier", "broadcast", "choose_backend",
     "create_group",

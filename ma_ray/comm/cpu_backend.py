@@ -7,6 +7,21 @@ ranks, and its timeout bounds only the rendezvous. Here every group gets its own
 membership coexist in one process, ranks are group ranks, each op is bounded by the group's
 timeout, and destroying a group releases its process group and store.
 
+**Strict NCCL mode** (`GroupOptions.strict`; config `comm.strict_nccl`, or `MA_RAY_STRICT_NCCL=1`
+for a whole run) makes the backend as unforgiving as Ray's NCCL group, so that a schedule that
+would hang on GPUs fails here, in seconds, with the cycle spelled out:
+
+* Ray's NCCL group runs every op of a worker on blocking CUDA streams (one per pair for
+  send/recv, one per group for collectives) that serialise with torch's default-stream compute,
+  and the roles compute between any two of their ops; so every op of a worker runs to completion
+  in issue order, whatever its pair or group. Here every op completes before the call returns.
+* A send completes only when the peer reaches the matching receive, with the same element
+  count and dtype (a mismatch is an error on both sides); nothing is buffered. Each send waits
+  for its receiver's "ready" (the receive's count and dtype) before it moves the payload.
+* A wait that passes the group's timeout is a **deadlock** (`CommDeadlockError`): the message
+  names what this worker's op waits for and what its peers' current ops are, read from where
+  every strict worker publishes its current op (its groups' stores). NCCL itself has no timeout.
+
 The class plugs into `ray.util.collective` through `register_collective_backend`, so
 `ray.util.collective.allreduce(t, group_name=...)` etc. dispatch here. Ray constructs custom
 backends with `(world_size, rank, group_name)` only, so per-group options (timeout, member names)
@@ -35,12 +50,21 @@ from ray.util.collective.types import (AllGatherOptions, AllReduceOptions, Barri
 from torch.distributed.distributed_c10d import AllgatherOptions as _TorchAllgatherOptions
 
 from ma_ray.comm import rendezvous
-from ma_ray.comm.errors import CommError, GroupIdentity, group_broken
-from ma_ray.comm.handles import CommHandle
+from ma_ray.comm.errors import CommDeadlockError, CommError, GroupIdentity, group_broken
+from ma_ray.comm.handles import CommHandle, CompletedHandle
 
 BACKEND_NAME = "MA_GLOO"
 DEFAULT_TIMEOUT_MS = 5000
 DEFAULT_INIT_TIMEOUT_MS = 60000
+STRICT_ENV = "MA_RAY_STRICT_NCCL"  # "1": every group of the run is strict
+
+# Strict mode's handshake of one send/recv: the receiver's ready (its count and dtype), the
+# sender's verdict, then the payload; each on its own tag, so the three never cross.
+_READY_TAG, _VERDICT_TAG, _PAYLOAD_TAG = 1_000_001, 1_000_002, 1_000_003
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(
+    (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+     torch.int16, torch.int32, torch.int64, torch.bool))}
+_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 _TORCH_OPS = {
     ReduceOp.SUM: dist.ReduceOp.SUM,
@@ -66,11 +90,18 @@ class GroupOptions:
     members: Optional[Tuple[str, ...]] = None
     worker_name: Optional[str] = None
     generation: int = 0
+    strict: bool = False
+
+
+def strict_requested(setting: bool) -> bool:
+    """Strict NCCL mode for a run: the config's ``comm.strict_nccl`` or ``MA_RAY_STRICT_NCCL=1``."""
+    return bool(setting) or os.environ.get(STRICT_ENV, "") == "1"
 
 
 _staged: dict = {}
 _staged_lock = threading.Lock()
 _registered = False
+_strict_groups: List["CpuGlooGroup"] = []  # this process's strict groups, where it publishes its op
 
 
 def stage_options(group_name: str, options: GroupOptions) -> None:
@@ -124,7 +155,13 @@ class CpuGlooGroup(BaseGroup):
         self._store: Optional[dist.Store] = None
         self._pg: Optional[dist.ProcessGroupGloo] = None
         self._store_address: Optional[Tuple[str, int]] = None
+        self._strict = opts.strict
+        self._heads: Optional[dist.Store] = None  # strict: every member's current op
+        self._ops = 0  # strict: ops issued, numbering them in messages
         self._connect(opts)
+        if self._strict:
+            self._heads = dist.PrefixStore(f"{self.group_name}/heads/", self._store)
+            _strict_groups.append(self)
 
     def _connect(self, opts: GroupOptions) -> None:
         key = rendezvous.rendezvous_key(self.group_name, self.world_size, opts.members,
@@ -194,6 +231,8 @@ class CpuGlooGroup(BaseGroup):
                                      worker=self._ident.worker, op="destroy")
         self._pg = None
         self._store = None
+        if self in _strict_groups:
+            _strict_groups.remove(self)
 
     # -- non-blocking ops: torch tensors in, CommHandle out ----------------------------------
 
@@ -261,11 +300,15 @@ class CpuGlooGroup(BaseGroup):
 
     def isend(self, tensor: torch.Tensor, dst_rank: int, tag: int = 0) -> CommHandle:
         self._check_peer(dst_rank, "send to")
+        if self._strict:
+            return self._strict_send(tensor, dst_rank)
         return self._issue(f"send to {self._ident.peer(dst_rank)}",
                            lambda pg: pg.send([tensor], dst_rank, tag))
 
     def irecv(self, tensor: torch.Tensor, src_rank: int, tag: int = 0) -> CommHandle:
         self._check_peer(src_rank, "recv from")
+        if self._strict:
+            return self._strict_recv(tensor, src_rank)
         return self._issue(f"recv from {self._ident.peer(src_rank)}",
                            lambda pg: pg.recv([tensor], src_rank, tag))
 
@@ -311,18 +354,102 @@ class CpuGlooGroup(BaseGroup):
                              f"{self.rank} of {self.world_size}): not another member")
 
     def _issue(self, op: str, launch: Callable[[Any], Any],
-               finish: Optional[Callable[[], Any]] = None) -> CommHandle:
+               finish: Optional[Callable[[], Any]] = None):
         if self._broken is not None:
             raise group_broken(self._ident, op, self._broken)
         pg = self._pg
+        if self._strict:
+            self._ops += 1
+            op = f"{op} (op #{self._ops})"
+            _publish(f"{op} in group '{self.group_name}', waiting for every member")
         try:
             work = launch(pg)
         except Exception as exc:  # noqa: BLE001 - bad arguments; the group stays usable
             raise CommError(f"comm failure: {op} {self._ident.where()}: {exc}",
                             group=self.group_name, rank=self.rank, worker=self._ident.worker,
                             op=op) from exc
-        return CommHandle(work, ident=self._ident, op=op, timeout_ms=self._timeout_ms,
-                          on_failure=self._mark_broken, finish=finish)
+        handle = CommHandle(work, ident=self._ident, op=op, timeout_ms=self._timeout_ms,
+                            on_failure=self._mark_broken, finish=finish)
+        if not self._strict:
+            return handle
+        # Blocking, in issue order: what NCCL's blocking streams make of every op.
+        value = self._strict_wait(handle, waiting_for=range(self.world_size))
+        _publish("idle")
+        return CompletedHandle(value, op)
+
+    # -- strict NCCL mode ---------------------------------------------------------------------
+
+    def _strict_send(self, tensor: torch.Tensor, dst: int) -> CompletedHandle:
+        self._ops += 1
+        op = f"send #{self._ops} to {self._ident.peer(dst)} ({tensor.numel()} x {_dtype_name(tensor.dtype)})"
+        _publish(f"{op} in group '{self.group_name}', waiting for {self._ident.peer(dst)} to post the matching receive")
+        ready = torch.empty(2, dtype=torch.int64)
+        self._strict_wait(self._p2p(op, lambda pg: pg.recv([ready], dst, _READY_TAG)), waiting_for=[dst])
+        count, code = ready.tolist()
+        ok = count == tensor.numel() and code == _DTYPE_CODES.get(tensor.dtype, -1)
+        verdict = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        self._strict_wait(self._p2p(op, lambda pg: pg.send([verdict], dst, _VERDICT_TAG)), waiting_for=[dst])
+        if not ok:
+            raise self._mismatch(op, f"the matching receive expects {count} x {_dtype_name(_DTYPES.get(code))}")
+        self._strict_wait(self._p2p(op, lambda pg: pg.send([tensor.contiguous()], dst, _PAYLOAD_TAG)),
+                          waiting_for=[dst])
+        _publish("idle")
+        return CompletedHandle(None, op)
+
+    def _strict_recv(self, tensor: torch.Tensor, src: int) -> CompletedHandle:
+        self._ops += 1
+        op = f"recv #{self._ops} from {self._ident.peer(src)} ({tensor.numel()} x {_dtype_name(tensor.dtype)})"
+        _publish(f"{op} in group '{self.group_name}', waiting for {self._ident.peer(src)} to post the matching send")
+        ready = torch.tensor([tensor.numel(), _DTYPE_CODES.get(tensor.dtype, -1)], dtype=torch.int64)
+        self._strict_wait(self._p2p(op, lambda pg: pg.send([ready], src, _READY_TAG)), waiting_for=[src])
+        verdict = torch.empty(1, dtype=torch.int64)
+        self._strict_wait(self._p2p(op, lambda pg: pg.recv([verdict], src, _VERDICT_TAG)), waiting_for=[src])
+        if not int(verdict):
+            raise self._mismatch(op, "the matching send has another element count or dtype")
+        landing = tensor if tensor.is_contiguous() else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        self._strict_wait(self._p2p(op, lambda pg: pg.recv([landing], src, _PAYLOAD_TAG)), waiting_for=[src])
+        if landing is not tensor:
+            tensor.copy_(landing)
+        _publish("idle")
+        return CompletedHandle(None, op)
+
+    def _p2p(self, op: str, launch: Callable[[Any], Any]) -> CommHandle:
+        if self._broken is not None:
+            raise group_broken(self._ident, op, self._broken)
+        return CommHandle(launch(self._pg), ident=self._ident, op=op, timeout_ms=self._timeout_ms,
+                          on_failure=self._mark_broken)
+
+    def _strict_wait(self, handle: CommHandle, waiting_for) -> Any:
+        """``handle.wait()``; past the timeout, a deadlock naming what each peer it waits for
+        is doing."""
+        try:
+            return handle.wait()
+        except CommError as exc:
+            if not handle.timed_out:
+                raise
+            heads = "; ".join(f"{self._ident.peer(r)} is in {self._head_of(r)}"
+                              for r in waiting_for if r != self.rank)
+            error = CommDeadlockError(
+                f"deadlock (strict NCCL mode): worker {self._ident.worker} has waited "
+                f"{self._timeout_ms} ms in {handle.op} in group '{self.group_name}'; {heads}",
+                group=self.group_name, rank=self.rank, worker=self._ident.worker, op=handle.op)
+            self._broken = error
+            raise error from exc
+
+    def _head_of(self, rank: int) -> str:
+        key = str(rank)
+        try:
+            if self._heads is not None and self._heads.check([key]):
+                return self._heads.get(key).decode()
+        except Exception:  # noqa: BLE001 - the report must not fail on a dead peer's store
+            pass
+        return "an unknown op (it published none)"
+
+    def _mismatch(self, op: str, why: str) -> CommError:
+        error = CommError(f"comm failure (strict NCCL mode): {op} {self._ident.where()}: {why}",
+                          group=self.group_name, rank=self.rank, worker=self._ident.worker, op=op)
+        self._broken = error
+        return error
 
     def _mark_broken(self, error: CommError) -> None:
         # After a timeout or a dead peer the ranks are out of step (some finished the op,
@@ -338,6 +465,19 @@ _LOCAL_REDUCE = {
     dist.ReduceOp.MIN: lambda t: t.amin(dim=0),
     dist.ReduceOp.MAX: lambda t: t.amax(dim=0),
 }
+
+
+def _publish(head: str) -> None:
+    """This worker's current op, in every strict group it belongs to (read by deadlock reports)."""
+    for group in list(_strict_groups):
+        try:
+            group._heads.set(str(group.rank), head)
+        except Exception:  # noqa: BLE001 - a group whose store is gone has nobody to tell
+            pass
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "an unknown dtype"
 
 
 def _default_worker_name(members: Optional[Sequence[str]], rank: int) -> str:

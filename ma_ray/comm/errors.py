@@ -57,6 +57,11 @@ class CommTimeoutError(CommError):
     """An operation did not complete within the group's per-op timeout (stalled or dead peer)."""
 
 
+class CommDeadlockError(CommError):
+    """Strict NCCL mode: an operation waited past the timeout for a peer that is blocked in
+    another operation; the message names both."""
+
+
 def _rebuild(cls, message, group, rank, worker, op):
     return cls(message, group=group, rank=rank, worker=worker, op=op)
 

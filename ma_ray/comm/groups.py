@@ -42,7 +42,7 @@ def _resolve_backend(backend: Optional[str]) -> str:
 def create_group(name: str, members: Sequence[str], rank: int, *,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS,
                  init_timeout_ms: int = DEFAULT_INIT_TIMEOUT_MS,
-                 backend: Optional[str] = None, generation: int = 0) -> str:
+                 backend: Optional[str] = None, generation: int = 0, strict: bool = False) -> str:
     """Join group `name` whose members are `members` (names by rank) as `members[rank]`.
 
     Blocks until every member has joined (at most `init_timeout_ms`). `timeout_ms` bounds every
@@ -50,7 +50,8 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
     `generation` must differ between two incarnations of a group with the same name and members
     whose lifetimes may overlap. `backend`: what `backend.backend_for_device` returned (NCCL or
     the CPU backend), "nccl", "cpu" / "gloo" (both mean this package's CPU backend), or None
-    (comm.backend auto on this process's device). Returns the backend used.
+    (comm.backend auto on this process's device). `strict`: the CPU backend's strict NCCL mode
+    (`cpu_backend`), for CPU groups. Returns the backend used.
     """
     if not 0 <= rank < len(members):
         raise ValueError(f"group '{name}': rank {rank} outside {len(members)} members")
@@ -58,7 +59,8 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
     if backend == CPU_BACKEND:
         ensure_registered()
         stage_options(name, GroupOptions(timeout_ms=timeout_ms, init_timeout_ms=init_timeout_ms,
-                                         members=tuple(members), generation=generation))
+                                         members=tuple(members), generation=generation,
+                                         strict=strict))
     try:
         col.init_collective_group(len(members), rank, backend=backend, group_name=name)
     finally:

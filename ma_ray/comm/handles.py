@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
-from ma_ray.comm.errors import CommError, GroupIdentity, op_failed
+from ma_ray.comm.errors import CommError, CommTimeoutError, GroupIdentity, op_failed
 
 _TIMEOUT_MARKERS = ("timed out", "timeout")
 
@@ -36,6 +36,11 @@ class CommHandle:
     @property
     def op(self) -> str:
         return self._op
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether ``wait()`` failed by passing the timeout (a stalled peer, not a dead one)."""
+        return isinstance(self._error, CommTimeoutError)
 
     def is_completed(self) -> bool:
         """True once the transfer is over (successfully or not); never blocks."""

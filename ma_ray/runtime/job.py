@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import ray
 import torch
 
+from ma_ray.comm.cpu_backend import strict_requested
 from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime.cluster import reserve_gpus
@@ -31,6 +32,8 @@ CLOSE_TIMEOUT_S = 30.0  # shutting down is best effort: the actors are killed af
 class TrainingJob:
     def __init__(self, cfg, dataset, attention_gpus: int | None = None, name: str | None = None,
                  torch_threads: int | None = None, checkpoint: str | None = None):
+        if strict_requested(cfg.comm.strict_nccl) and not cfg.comm.strict_nccl:
+            cfg = cfg.replace(**{"comm.strict_nccl": True})  # MA_RAY_STRICT_NCCL=1 reaches every worker
         self.cfg = cfg
         self.name = name or f"ma-{uuid.uuid4().hex[:8]}"
         self.plan = make_plan(cfg, attention_gpus)

@@ -24,17 +24,20 @@ def worker_name(node: int, local_gpu: int) -> str:
 
 class Links:
     def __init__(self, job: str, generation: int, plan, me, timeout_ms: int, init_timeout_ms: int,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, strict: bool = False):
+        """``strict``: the CPU backend's strict NCCL mode (``comm.cpu_backend``)."""
         self.world = f"{job}-g{generation}-world"
         self.attn = f"{job}-g{generation}-attn" if me.is_attention else None
         names = [worker_name(g.node, g.local_gpu) for g in plan.gpus]
         # Every member creates the groups in the same order: world first, then its pool's.
         groups.create_group(self.world, names, me.gpu, timeout_ms=timeout_ms,
-                            init_timeout_ms=init_timeout_ms, generation=generation, backend=backend)
+                            init_timeout_ms=init_timeout_ms, generation=generation, backend=backend,
+                            strict=strict)
         if self.attn is not None:
             attn_names = [worker_name(g.node, g.local_gpu) for g in plan.attention_workers()]
             groups.create_group(self.attn, attn_names, me.rank, timeout_ms=timeout_ms,
-                                init_timeout_ms=init_timeout_ms, generation=generation, backend=backend)
+                                init_timeout_ms=init_timeout_ms, generation=generation, backend=backend,
+                                strict=strict)
 
     def close(self) -> None:
         for name in (self.attn, self.world):

@@ -60,7 +60,8 @@ class Worker:
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
         backend = backend_for_device(cfg.comm.backend, self.torch_device)
-        self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000), backend)
+        self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000), backend,
+                           strict=cfg.comm.strict_nccl)
         s = cfg.schedule
         # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
         chunk_rows = max(1, round(s.communication_chunk_size / durations.token_scale))

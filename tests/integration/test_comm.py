@@ -303,3 +303,63 @@ def test_dead_peer_fails_fast_with_a_named_error(peers):
     assert "allreduce(SUM) in group 'D' (worker peer-0, rank 0 of 2)" in msg
     assert elapsed < 4.0
     disband(peers, "D", [0])
+
+
+def test_strict_mode_completes_a_matched_exchange_and_names_a_deadlock(peers):
+    """Strict NCCL mode: every op blocks in issue order until its peer is at the matching one.
+    Ordered sends and receives complete; two peers that both send first deadlock, and the
+    error names what each of them waits for, within the timeout instead of hanging."""
+    form(peers, "X", [0, 1], timeout_ms=1500, strict=True)
+
+    def ordered(index):
+        from ma_ray.comm import irecv, isend
+        t = torch.zeros(3)
+        if index == 0:
+            isend(torch.arange(3.0), 1, "X").wait()
+            irecv(t, 1, "X").wait()
+        else:
+            irecv(t, 0, "X").wait()
+            isend(t * 10, 0, "X").wait()
+        return t.tolist()
+
+    assert on(peers, [0, 1], ordered) == [[0.0, 10.0, 20.0], [0.0, 1.0, 2.0]]
+
+    def both_send_first(index):
+        from ma_ray.comm import CommDeadlockError, irecv, isend
+        t0 = time.monotonic()
+        try:
+            # On gloo's buffered sends this would pass; on NCCL it hangs.
+            isend(torch.ones(4), 1 - index, "X")
+            irecv(torch.zeros(4), 1 - index, "X").wait()
+        except CommDeadlockError as exc:
+            return str(exc), time.monotonic() - t0
+        return None, time.monotonic() - t0
+
+    (msg0, t_0), (msg1, t_1) = on(peers, [0, 1], both_send_first)
+    for msg, me, peer in ((msg0, "peer-0", "rank 1 (peer-1)"), (msg1, "peer-1", "rank 0 (peer-0)")):
+        assert msg is not None and "\n" not in msg
+        assert msg.startswith(f"deadlock (strict NCCL mode): worker {me} has waited 1500 ms in send #3 to {peer} "
+                              f"(4 x float32) in group 'X'; {peer} is in send #3 to "), msg
+        assert "waiting for" in msg and "to post the matching receive" in msg, msg
+    assert t_0 < 10 and t_1 < 10
+    disband(peers, "X", [0, 1])
+
+
+def test_strict_mode_refuses_a_count_or_dtype_mismatch(peers):
+    form(peers, "Y", [2, 3], timeout_ms=1500, strict=True)
+
+    def mismatched(index):
+        from ma_ray.comm import CommError, irecv, isend
+        try:
+            if index == 2:
+                isend(torch.ones(4), 1, "Y")
+            else:
+                irecv(torch.zeros(5, dtype=torch.float64), 0, "Y")
+        except CommError as exc:
+            return str(exc)
+        return None
+
+    sender, receiver = on(peers, [2, 3], mismatched)
+    assert "the matching receive expects 5 x float64" in sender and "send #1" in sender, sender
+    assert "the matching send has another element count or dtype" in receiver, receiver
+    disband(peers, "Y", [2, 3])
