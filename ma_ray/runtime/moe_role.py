@@ -2,14 +2,16 @@
 workers route to them.
 
 Each attention worker sends, per layer and micro-batch, a count per expert of this worker and
-then its rows sorted by expert, in chunks of ``schedule.communication_chunk_size`` tokens. The worker
-takes the chunks in source order and groups consecutive ones into compute batches as its
+then its rows sorted by expert, in chunks of ``schedule.communication_chunk_size`` tokens. The
+worker takes the chunks in source order and groups consecutive ones into compute batches as its
 transport says (``runtime.transport``: at least a chunk's rows when each chunk is a message, a
-source's whole block when blocks travel as one message). Each batch is regrouped expert-major (one matmul per expert over the
-batch's rows), computed, and its outputs go back chunk by chunk while the next batch arrives and
-computes; backward does the same with gradients. Every row's result depends only on its own
-input, so batching changes sums of parameter gradients only in their order (rounding). Each
-source's chunks of an exchange form one block. Each chunk's share of the modelled stage time is
+source's whole block when blocks travel as one message). Each batch is regrouped expert-major
+(one matmul per expert over the batch's rows) and computed while the next batch arrives. The
+outputs go back, chunk by chunk, when the attention pool's schedule reaches the exchange that
+takes them (``runtime.schedule`` says why that order cannot deadlock); backward does the same
+with gradients. Every row's result depends only on its own input, so batching changes sums of
+parameter gradients only in their order (rounding). Each source's chunks of an exchange form
+one block. Each chunk's share of the modelled stage time is
 queued on the device as it arrives (nothing computing for real, where the batch is timed as it
 runs), and its result is sent stamped with when that is done.
 """
@@ -44,7 +46,8 @@ class MoERole(Role):
         self.hidden = cfg.model.hidden_size
 
     def op_handlers(self):
-        return {S.EXPERT_RECV: self.expert_recv, S.EXPERT_FWD: self.expert_fwd, S.EXPERT_BWD: self.expert_bwd}
+        return {S.EXPERT_RECV: self.expert_recv, S.EXPERT_FWD: self.expert_fwd, S.EXPERT_RETURN: self.expert_return,
+                S.EXPERT_BWD: self.expert_bwd, S.EXPERT_RETURN_BWD: self.expert_return_bwd}
 
     def begin_step(self, step: int) -> None:
         self.state: Dict = {}
@@ -73,32 +76,36 @@ class MoERole(Role):
         self.state[mb, layer] = dict(batches=batches, chunks_per_source=Counter(ch.src for ch in chunks))
 
     def expert_fwd(self, mb: int, layer: int) -> None:
+        """Receive the rows batch by batch and compute them; the outputs wait for expert_return."""
         st = self.state[mb, layer]
         group = self.stack.groups[layer]
         arriving = self._arrivals(st["batches"])
-        outbox = self.transport.outbox(st["chunks_per_source"])
-        sends = []
         for batch in st["batches"]:
-            rows, ready = self._take(arriving, batch, FORWARD_SHARE)
+            rows, batch.ready = self._take(arriving, batch, FORWARD_SHARE)
             inp = rows.index_select(0, batch.perm).requires_grad_()
             with self.device.compute(MOE_COMPUTE), self._autocast():
                 out = (checkpoint(group, inp, batch.per_expert, use_reentrant=False) if self.checkpointing
                        else group(inp, batch.per_expert))
             batch.inp, batch.out = inp, out
-            sends += self._send_back(out.detach(), batch, outbox, ready)
-        st["sends"] = sends
+
+    def expert_return(self, mb: int, layer: int) -> None:
+        st = self.state[mb, layer]
+        st["sends"] = self._send_back(st, lambda batch: batch.out.detach())
 
     def expert_bwd(self, mb: int, layer: int) -> None:
-        st = self.state.pop((mb, layer))
-        self.wait_sends(st["sends"], WAIT_ATTENTION)
+        """Receive the output gradients batch by batch and run backward; the input gradients
+        wait for expert_return_bwd."""
+        st = self.state[mb, layer]
+        self.wait_sends(st.pop("sends"), WAIT_ATTENTION)
         arriving = self._arrivals(st["batches"])
-        outbox = self.transport.outbox(st["chunks_per_source"])
-        sends = []
         for batch in st["batches"]:
-            grad_out, ready = self._take(arriving, batch, 1 - FORWARD_SHARE)
+            grad_out, batch.ready = self._take(arriving, batch, 1 - FORWARD_SHARE)
             with self.device.compute(MOE_COMPUTE):
                 torch.autograd.backward(batch.out, grad_out.index_select(0, batch.perm).to(batch.out.dtype))
-            sends += self._send_back(grad_of(batch.inp), batch, outbox, ready)
+
+    def expert_return_bwd(self, mb: int, layer: int) -> None:
+        st = self.state.pop((mb, layer))
+        sends = self._send_back(st, lambda batch: grad_of(batch.inp))
         # The previous request's sends are surely wanted by now; this one's may wait (the step's
         # last until its end), so at most two requests' buffers stay alive.
         self.wait_sends(self.unsent, WAIT_ATTENTION)
@@ -123,14 +130,19 @@ class MoERole(Role):
             ready.append(self.device.queue(MOE_COMPUTE, share * ch.modelled_s))
         return torch.cat(parts), ready
 
-    def _send_back(self, expert_major: torch.Tensor, batch: "_Batch", outbox, ready: List) -> List:
-        """Undo the expert-major regrouping and send each chunk back to its source."""
-        expert_major = expert_major.to(self.transfer_dtype)
-        source_major = torch.empty_like(expert_major)
-        source_major[batch.perm] = expert_major
-        blocks = torch.split(source_major, [ch.rows for ch in batch.chunks])
-        return [handle for block, ch, at in zip(blocks, batch.chunks, ready)
-                for handle in outbox.put(block, ch.src, self.modelled_bytes(ch.rows), at)]
+    def _send_back(self, st, expert_major_of) -> List:
+        """Each batch's results (``expert_major_of(batch)``), back in source order, sent chunk by
+        chunk to their sources: sources in rank order, each source's chunks in order."""
+        outbox = self.transport.outbox(st["chunks_per_source"])
+        sends = []
+        for batch in st["batches"]:
+            expert_major = expert_major_of(batch).to(self.transfer_dtype)
+            source_major = torch.empty_like(expert_major)
+            source_major[batch.perm] = expert_major
+            blocks = torch.split(source_major, [ch.rows for ch in batch.chunks])
+            sends += [handle for block, ch, at in zip(blocks, batch.chunks, batch.ready)
+                      for handle in outbox.put(block, ch.src, self.modelled_bytes(ch.rows), at)]
+        return sends
 
 
 class _Chunk:
@@ -153,6 +165,7 @@ class _Batch:
         self.perm = torch.argsort(expert_of_row, stable=True).to(device)
         self.per_expert = [sum(col) for col in zip(*(ch.per_expert for ch in chunks))]
         self.inp = self.out = None
+        self.ready: List = []  # when each chunk's result is ready on the device
 
 
 def _chunk_counts(per_expert: List[int], chunk_rows: int) -> List[List[int]]:

@@ -1,11 +1,9 @@
 """The per-worker step schedule: the order in which a worker runs the layer-stages of each
-micro-batch and posts or waits for their transfers.
+micro-batch and the pool-to-pool exchanges between them.
 
 A schedule is a plain list of ``Op(kind, micro, layer)``; the worker executes it in order and
 never loops over layers or micro-batches itself. Pipelining (several micro-batches in flight)
-and chunked transfers change only this list. Sends are posted without waiting; the op that
-needs a transfer's result waits for it, so the order here is also the order of every worker's
-matching sends and receives, which is what keeps the point-to-point traffic deadlock-free.
+and chunked transfers change only this list.
 
 Attention worker, per micro-batch:
   embed; per layer: attn_fwd (heads, pool all-gather / reduce-scatter, routing), dispatch (send
@@ -13,16 +11,44 @@ Attention worker, per micro-batch:
   head (final norm, LM head, loss, start of backward); per layer in reverse: combine_bwd (send
   the gradient of the expert outputs), dispatch_bwd (receive the gradient of the routed rows),
   attn_bwd; embed_bwd.
-MoE worker, per micro-batch: per layer: expert_recv (row counts), expert_fwd (receive, compute and
-send back, chunk batch by chunk batch); per layer in reverse: expert_bwd (the same for gradients).
+MoE worker: the attention schedule's exchanges, in the attention schedule's order, each served
+by its own op: a dispatch by expert_recv (row counts) and expert_fwd (receive the rows and
+compute); a combine by expert_return (send the outputs back); a combine_bwd by expert_bwd
+(receive the output gradients and compute backward); a dispatch_bwd by expert_return_bwd (send
+the input gradients back). Results wait on the MoE worker until the attention pool's schedule
+reaches the exchange that takes them.
 
 Micro-batches in flight (``schedule.micro_batches_in_flight`` = k): the micro-batches of a step go in
 groups of k. Within a group, each micro-batch's list above is cut before every op that waits
 for the MoE pool (combine, dispatch_bwd), and the pieces are taken round-robin: micro-batch 1's
 attention runs while the MoE pool computes micro-batch 0's experts, and the other way round.
-The MoE worker serves requests in the order the attention workers send them (a dispatch or a
-combine_bwd each), so sends and receives still pair up in order. Every parameter still receives
-its micro-batches' gradients in micro-batch order, so the sums are the same as with k = 1.
+Every parameter still receives its micro-batches' gradients in micro-batch order, so the sums
+are the same as with k = 1.
+
+Why the exchanges cannot deadlock, even where every operation blocks until its peer reaches the
+matching one, in issue order, with nothing buffered (NCCL's point-to-point calls on Ray's
+blocking streams; the CPU backend's strict mode enforces exactly that):
+
+1. Every worker's communication is a subsequence of one global sequence of steps: the
+   attention schedule's op list. An attention worker runs all of it (its pool's collectives and
+   every exchange); a MoE worker runs its exchanges, in the same order (``moe_schedule`` is
+   derived from it). No worker skips ahead of a step it takes part in.
+2. Within one exchange, each (attention worker ``i``, MoE worker ``j``) pair's messages (row
+   counts, then the chunks) are contiguous on both sides; senders go through their receivers in
+   rank order and receivers through their senders in rank order (``runtime.transport``). A
+   message of pair ``(i, j)`` then waits only for messages of pairs with a smaller ``i`` (on
+   ``j``) or a smaller ``j`` (on ``i``); for the counts-then-rows dispatch, order pair messages by
+   (``j``, counts before rows, ``i``): each waits only for ones earlier in that order, so the
+   exchange completes once every participant has reached it.
+3. By induction over the global sequence, every step completes: a worker reaches step ``s`` after
+   completing its earlier steps, which complete by (2) and the induction hypothesis, and
+   collectives are reached by every member of their pool in the same order.
+
+What the order costs: a MoE worker sends micro-batch 0's outputs only after it has received
+micro-batch 1's rows (the attention pool dispatches micro-batch 1 before it combines
+micro-batch 0). When the MoE pool is the slower one, as at the paper preset, those rows are
+there by the time it has computed micro-batch 0. Where it is not, the attention pool waits
+that transfer longer than with fused (grouped) calls, which Ray's NCCL group does not offer.
 """
 
 from __future__ import annotations
@@ -36,7 +62,8 @@ from ma_ray.parallel.placement import ATTENTION
 EMBED, ATTN_FWD, DISPATCH, COMBINE, HEAD = "embed", "attn_fwd", "dispatch", "combine", "head"
 COMBINE_BWD, DISPATCH_BWD, ATTN_BWD, EMBED_BWD = "combine_bwd", "dispatch_bwd", "attn_bwd", "embed_bwd"
 # MoE worker:
-EXPERT_RECV, EXPERT_FWD, EXPERT_BWD = "expert_recv", "expert_fwd", "expert_bwd"
+EXPERT_RECV, EXPERT_FWD, EXPERT_RETURN = "expert_recv", "expert_fwd", "expert_return"
+EXPERT_BWD, EXPERT_RETURN_BWD = "expert_bwd", "expert_return_bwd"
 
 
 class Op(NamedTuple):
@@ -45,9 +72,10 @@ class Op(NamedTuple):
     layer: int = -1
 
 
-# Attention ops that wait for the MoE pool, and the MoE ops that serve each attention request.
+# Attention ops that wait for the MoE pool, and the MoE ops that serve each exchange.
 _WAITS_FOR_MOE = (COMBINE, DISPATCH_BWD)
-_SERVED_BY = {DISPATCH: (EXPERT_RECV, EXPERT_FWD), COMBINE_BWD: (EXPERT_BWD,)}
+_SERVED_BY = {DISPATCH: (EXPERT_RECV, EXPERT_FWD), COMBINE: (EXPERT_RETURN,),
+              COMBINE_BWD: (EXPERT_BWD,), DISPATCH_BWD: (EXPERT_RETURN_BWD,)}
 
 
 def _micro_batch_ops(num_layers: int, mb: int) -> List[Op]:
