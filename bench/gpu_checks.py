@@ -10,8 +10,17 @@ one NCCL rank, so NCCL itself is not among them; see bench/RESULTS.md, "What nee
 2. CUDA-event timing (``runtime.device.RealDevice``): a compute region's timed seconds equal the
    device time of its kernels (host-synchronised wall clock around the same work), while the
    host returns before the kernels finish.
-3. Throughput of an attention shard and an expert group at the seed's shapes
+3. Stream order around NCCL (``comm.groups.stream_ordered``): a one-rank NCCL group (one GPU
+   holds one rank) all-gathers a buffer that a slow kernel on a priority stream is still
+   writing; the output must be what the kernel wrote, and torch work after the op must see it.
+4. The rendezvous actors of NCCL groups: creating and destroying a group leaves the count of
+   named Ray actors as it was.
+5. Modelled-compute messages with CUDA chunks (``runtime.transport.pack_block``/``unpack_block``):
+   a block of CUDA chunks packs and unpacks on the device, stamps intact.
+6. Throughput of an attention shard and an expert group at the seed's shapes
    (``bench/gpu_shard_throughput.py``).
+
+Checks 3 and 4 need cupy (``pip install -e ".[gpu]"``) and Ray; without them they say so.
 
 Prints one line per check and exits 1 if a check fails, 2 without CUDA.
 """
@@ -92,6 +101,56 @@ def check_event_timing(dev: torch.device) -> bool:
     return good
 
 
+def check_nccl_stream_order(dev: torch.device) -> bool:
+    try:
+        import cupy  # noqa: F401
+        import ray
+    except ImportError as exc:
+        print(f"NCCL stream order: not run ({exc}); install the gpu extra")
+        return True
+    from ma_ray.comm import groups
+
+    ray.init(num_gpus=1, include_dashboard=False, logging_level="error")
+    try:
+        before = len(ray.util.list_named_actors(all_namespaces=True))
+        groups.create_group("gpu-check", ["me"], 0, backend="nccl")
+        side = torch.cuda.Stream(priority=-1)
+        a = torch.randn(4096, 4096, device=dev)
+        x = torch.zeros(1 << 24, device=dev)
+        out = [torch.full_like(x, -1.0)]
+        with torch.cuda.stream(side):
+            for _ in range(8):
+                a = a @ a / 64  # slow work the written value depends on
+            x.copy_(a.flatten()[: x.numel()].abs() + 1)
+            groups.allgather(out, x, "gpu-check")
+            seen = out[0].sum()  # torch work after the op, on the same stream
+        torch.cuda.synchronize()
+        ordered = bool(torch.equal(out[0], x)) and float(seen) == float(x.sum())
+        groups.destroy_group("gpu-check")
+        after = len(ray.util.list_named_actors(all_namespaces=True))
+    finally:
+        ray.shutdown()
+    print(f"NCCL stream order: all-gather saw the producer's data and its consumer the result: "
+          f"{'ok' if ordered else 'FAILED'}")
+    print(f"NCCL rendezvous actors: {before} named actors before a group, {after} after its destroy: "
+          f"{'ok' if after == before else 'FAILED'}")
+    return ordered and after == before
+
+
+def check_modelled_messages(dev: torch.device) -> bool:
+    from ma_ray.runtime.transport import pack_block, unpack_block
+
+    chunks = [torch.randn(3, 5, device=dev, dtype=torch.bfloat16), torch.randn(2, 5, device=dev, dtype=torch.bfloat16)]
+    stamps = [(1.5, 100.0), (2.5, 200.0)]
+    message = pack_block(chunks, stamps)
+    bufs = [torch.empty_like(c) for c in chunks]
+    back = unpack_block(message, bufs)
+    good = message.device == chunks[0].device and [tuple(s) for s in back] == stamps and all(
+        torch.equal(a, b) for a, b in zip(bufs, chunks))
+    print(f"modelled messages with CUDA chunks: {'ok' if good else 'FAILED'}")
+    return good
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batch", type=int, default=4, help="for the throughput check")
@@ -101,7 +160,8 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    ok = all([check_bf16_checkpointing(dev), check_event_timing(dev)])
+    ok = all([check_bf16_checkpointing(dev), check_event_timing(dev), check_nccl_stream_order(dev),
+              check_modelled_messages(dev)])
     throughput = subprocess.run([sys.executable, str(ROOT / "bench/gpu_shard_throughput.py"),
                                  "--micro-batch", str(args.micro_batch)], cwd=ROOT)
     return 0 if ok and throughput.returncode == 0 else 1
