@@ -101,6 +101,29 @@ def check_event_timing(dev: torch.device) -> bool:
     return good
 
 
+def _stream_order_in_an_actor() -> bool:
+    """Inside a Ray actor (ray.util.collective's groups live in actors): returns whether the
+    all-gather saw the producer's data and its consumer the result."""
+    from ma_ray.comm import groups
+
+    dev = torch.device("cuda")
+    groups.create_group("gpu-check", ["me"], 0, backend="nccl")
+    side = torch.cuda.Stream(priority=-1)
+    a = torch.randn(4096, 4096, device=dev)
+    x = torch.zeros(1 << 24, device=dev)
+    out = [torch.full_like(x, -1.0)]
+    with torch.cuda.stream(side):
+        for _ in range(8):
+            a = a @ a / 64  # slow work the written value depends on
+        x.copy_(a.flatten()[: x.numel()].abs() + 1)
+        groups.allgather(out, x, "gpu-check")
+        seen = out[0].sum()  # torch work after the op, on the same stream
+    torch.cuda.synchronize()
+    ordered = bool(torch.equal(out[0], x)) and float(seen) == float(x.sum())
+    groups.destroy_group("gpu-check")
+    return ordered
+
+
 def check_nccl_stream_order(dev: torch.device) -> bool:
     try:
         import cupy  # noqa: F401
@@ -108,25 +131,11 @@ def check_nccl_stream_order(dev: torch.device) -> bool:
     except ImportError as exc:
         print(f"NCCL stream order: not run ({exc}); install the gpu extra")
         return True
-    from ma_ray.comm import groups
-
     ray.init(num_gpus=1, include_dashboard=False, logging_level="error")
     try:
         before = len(ray.util.list_named_actors(all_namespaces=True))
-        groups.create_group("gpu-check", ["me"], 0, backend="nccl")
-        side = torch.cuda.Stream(priority=-1)
-        a = torch.randn(4096, 4096, device=dev)
-        x = torch.zeros(1 << 24, device=dev)
-        out = [torch.full_like(x, -1.0)]
-        with torch.cuda.stream(side):
-            for _ in range(8):
-                a = a @ a / 64  # slow work the written value depends on
-            x.copy_(a.flatten()[: x.numel()].abs() + 1)
-            groups.allgather(out, x, "gpu-check")
-            seen = out[0].sum()  # torch work after the op, on the same stream
-        torch.cuda.synchronize()
-        ordered = bool(torch.equal(out[0], x)) and float(seen) == float(x.sum())
-        groups.destroy_group("gpu-check")
+        checker = ray.remote(num_gpus=1)(_stream_order_in_an_actor)
+        ordered = ray.get(checker.remote(), timeout=300)
         after = len(ray.util.list_named_actors(all_namespaces=True))
     finally:
         ray.shutdown()
