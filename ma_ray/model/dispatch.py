@@ -12,14 +12,30 @@ from typing import Tuple
 import torch
 
 
+def expert_order(topk_idx: torch.Tensor, keep: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every flat assignment index (``token * k + slot``), kept ones first, sorted by expert
+    (stable, so within an expert the order is token order), the dropped ones after them (in
+    token order); and the count of kept assignments per expert [E] (int64).
+
+    The sizes are fixed (``N * k`` and ``E``), so nothing here makes the host wait for the
+    device (``nonzero`` and ``bincount`` would, for their output sizes): the kept assignments
+    are ``order[:counts.sum()]``, and the caller reads the counts on the host once, where it
+    needs them anyway (they size the exchange with the MoE pool).
+    """
+    flat_expert = topk_idx.reshape(-1)
+    key = torch.where(keep.reshape(-1), flat_expert, num_experts)  # a dropped one sorts after every expert
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return order, counts[:num_experts]
+
+
 def dispatch_order(topk_idx: torch.Tensor, keep: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat assignment indices (``token * k + slot``) of kept assignments, sorted by expert
-    (stable, so within an expert the order is token order), and the count per expert [E]."""
-    flat_expert = topk_idx.reshape(-1)
-    kept = torch.nonzero(keep.reshape(-1), as_tuple=True)[0]
-    order = kept[torch.argsort(flat_expert[kept], stable=True)]
-    counts = torch.bincount(flat_expert[kept], minlength=num_experts)
-    return order, counts
+    (stable, so within an expert the order is token order), and the count per expert [E]:
+    ``expert_order`` cut to the kept ones, whose number it reads on the host."""
+    order, counts = expert_order(topk_idx, keep, num_experts)
+    return order[:int(counts.sum())], counts
 
 
 def gather_rows(h: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:

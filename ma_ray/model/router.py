@@ -12,6 +12,9 @@ indices, and then apply exactly the reference's capacity rule and loss normalisa
 Drop order: first choices before second choices (slot-major), then token order (batch-major,
 flattened ``b * seq + t``). Tokens past an expert's capacity skip that expert; a token dropped by
 all its experts passes through the residual only.
+
+Every output's size follows from the shapes alone (``one_hot`` with ``num_classes`` given reads
+nothing back on CUDA), so routing never makes the host wait for the device.
 """
 
 from __future__ import annotations

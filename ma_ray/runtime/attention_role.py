@@ -52,7 +52,11 @@ class AttentionRole(Role):
         self.top_k, self.num_experts = moe.top_k, moe.num_experts
         self.capacity = R.capacity(self.tokens, moe.top_k, moe.num_experts, moe.capacity_factor, moe.expert_capacity)
         self.accum = t.gradient_accumulation_steps
-        self.moe_workers = [(w.gpu, list(w.experts)) for w in plan.moe_workers()]
+        # Each MoE worker's (gpu, first expert, end): the workers hold consecutive ranges of the
+        # experts in order, so each one's rows are one block of the rows sorted by expert.
+        if [e for w in plan.moe_workers() for e in w.experts] != list(range(self.num_experts)):
+            raise ValueError("the MoE workers must hold consecutive ranges of the experts, in order")
+        self.moe_workers = [(w.gpu, w.experts[0], w.experts[-1] + 1) for w in plan.moe_workers()]
         # A replicated parameter's gradient is summed over the pool; rank 0 counts it in the norm.
         self.side_params = list(self.stack.side.parameters())
         # Modelled seconds (zero computing for real): this worker's stage, split forward and
@@ -75,15 +79,17 @@ class AttentionRole(Role):
         self.step = step
         self.state: Dict = {}
         self.x: Dict = {}  # (micro, layer) -> residual leaf entering that layer (layer L: final)
-        self.losses = torch.zeros(3, dtype=torch.float64)  # ce, aux, z: this slice's share
-        self.dropped = 0  # (token, slot) assignments past capacity, whole micro-batches
+        # ce, aux, z (this slice's shares) and the (token, slot) assignments past capacity (whole
+        # micro-batches), summed on the device and read once, at the step's end: a read per
+        # micro-batch and layer would make the host wait for the device each time.
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.torch_device)
 
     def end_micro_batches(self) -> WorkerStepResult:
-        ce, aux, z = self.losses.tolist()
+        ce, aux, z, dropped = self.sums.tolist()
         m = self.cfg.moe
         assignments = self.tokens * self.top_k * self.accum * self.cfg.model.num_layers
         return WorkerStepResult(grad_norm=0.0, lr=0.0, loss_share=ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
-                                ce_share=ce, aux_share=aux, z_share=z, dropped_fraction=self.dropped / assignments)
+                                ce_share=ce, aux_share=aux, z_share=z, dropped_fraction=dropped / assignments)
 
     def synchronize_gradients(self) -> None:
         grads = [p.grad for p in self.side_params]
@@ -105,12 +111,18 @@ class AttentionRole(Role):
 
     def embed(self, mb: int, _layer: int) -> None:
         ids, targets = self.dataset.micro_batch(self.step, mb)
-        flat_ids = ids.reshape(-1)[self.lo:self.hi].to(self.torch_device)
-        positions = (torch.arange(self.lo, self.hi) % self.seq).to(self.torch_device)
+        # The input comes from the host: this slice's token ids and targets, one copy, which
+        # waits for nothing the device computes (from pinned memory on a GPU, so it does not
+        # block the host either).
+        host = torch.stack([ids.reshape(-1)[self.lo:self.hi], targets.reshape(-1)[self.lo:self.hi]])
+        if self.torch_device.type == "cuda":
+            host = host.pin_memory()
+        flat_ids, flat_targets = host.to(self.torch_device, non_blocking=True)
+        positions = torch.arange(self.lo, self.hi, device=self.torch_device) % self.seq
         with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             x = self.stack.side.embed(flat_ids, positions)
         self.state[mb, "embed"] = x
-        self.state[mb, "targets"] = targets.reshape(-1)[self.lo:self.hi].to(self.torch_device)
+        self.state[mb, "targets"] = flat_targets
         self.x[mb, 0] = _leaf(x)
 
     def attn_fwd(self, mb: int, layer: int) -> None:
@@ -136,21 +148,28 @@ class AttentionRole(Role):
             aux = R.load_balance_loss(probs, self.lo, counts, self.seq, self.tokens, self.top_k, self.cfg.moe.seq_aux)
             z = R.z_loss(logits, self.tokens)
             router_loss = (self.cfg.moe.aux_loss_alpha * aux + self.cfg.moe.router_z_loss_coef * z) / self.accum
-            order, per_expert = D.dispatch_order(topk_idx, keep, self.num_experts)
+            order, per_expert = D.expert_order(topk_idx, keep, self.num_experts)
+            self.sums[1] += aux.detach().double() / self.accum
+            self.sums[2] += z.detach().double() / self.accum
+            self.sums[3] += (~keep_all).sum()
+        # The one host read of this layer and micro-batch: the slice's kept rows per expert,
+        # which size every block of the exchange with the MoE pool (both ways, forward and
+        # backward) and cut the kept assignments out of ``order``.
+        kept_rows = per_expert.tolist()
+        sizes = [sum(kept_rows[lo:hi]) for _, lo, hi in self.moe_workers]
+        order = order[:sum(sizes)]
+        with self.device.compute(ATTENTION_COMPUTE):
             rows = D.gather_rows(h2, order, self.top_k)
-        self.dropped += int((~keep_all).sum())
-        self.losses[1] += float(aux.detach()) / self.accum
-        self.losses[2] += float(z.detach()) / self.accum
         self.state[mb, layer, "fwd"] = dict(h_slice=h_slice, h=h, partial=partial, a=a, x1=x1, topk_prob=topk_prob,
-                                            rows=rows, router_loss=router_loss, order=order, per_expert=per_expert)
+                                            rows=rows, router_loss=router_loss, order=order, per_expert=per_expert,
+                                            sizes=sizes)
 
     def dispatch(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
-        blocks, sends = self._split_by_worker(st["rows"], st["per_expert"]), []
-        for (dst, experts), block in zip(self.moe_workers, blocks):
-            sends.append(self.transport.send(st["per_expert"][experts].to(torch.int64), dst))
+        blocks, sends = torch.split(st["rows"], st["sizes"]), []
+        for (dst, lo, hi), block in zip(self.moe_workers, blocks):
+            sends.append(self.transport.send(st["per_expert"][lo:hi], dst))
             sends += self.transport.send_chunks(block.detach().to(self.transfer_dtype), dst, self.modelled_bytes)
-        st["sizes"] = [b.shape[0] for b in blocks]
         st["sends"] = sends
 
     def combine(self, mb: int, layer: int) -> None:
@@ -168,7 +187,7 @@ class AttentionRole(Role):
         with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             ce = self.stack.side.ce_sum(x, self.state.pop((mb, "targets"))) / (self.tokens * self.accum)
             ce.backward()
-        self.losses[0] += float(ce.detach())
+            self.sums[0] += ce.detach().double()
 
     # -- backward ops -----------------------------------------------------------------------
 
@@ -178,8 +197,8 @@ class AttentionRole(Role):
         with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(c["x2"], self.x.pop((mb, layer + 1)).grad)
         st["x1_grad"], st["topk_prob_grad"] = grad_of(c["x1"]), grad_of(c["topk_prob"])
-        blocks = self._split_by_worker(grad_of(c["out"]), st["per_expert"])
-        st["sends"] = [ticket for (dst, _), block in zip(self.moe_workers, blocks)
+        blocks = torch.split(grad_of(c["out"]), st["sizes"])
+        st["sends"] = [ticket for (dst, _, _), block in zip(self.moe_workers, blocks)
                        for ticket in self.transport.send_chunks(block.to(self.transfer_dtype), dst,
                                                                 self.modelled_bytes)]
 
@@ -207,11 +226,6 @@ class AttentionRole(Role):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _split_by_worker(self, rows: torch.Tensor, per_expert: torch.Tensor):
-        """Rows sorted by expert -> one contiguous block per MoE worker (its expert range)."""
-        sizes = [int(per_expert[experts].sum()) for _, experts in self.moe_workers]
-        return list(torch.split(rows, sizes))
-
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
             return self.links.gather_tokens(local, self.slice_sizes)
@@ -226,7 +240,7 @@ class AttentionRole(Role):
         hidden = self.cfg.model.hidden_size
         blocks = [(src, [torch.empty(n, hidden, dtype=self.transfer_dtype, device=self.torch_device)
                          for n in chunk_sizes(size, self.chunk_rows)])
-                  for (src, _), size in zip(self.moe_workers, st["sizes"])]
+                  for (src, _, _), size in zip(self.moe_workers, st["sizes"])]
         chunks = list(self.transport.receive_blocks(blocks, lambda: self.timer.wait(WAIT_MOE)))
         self.wait_sends(st.pop("sends"), WAIT_MOE)
         if not chunks:

@@ -62,17 +62,30 @@ class MoERole(Role):
 
     def expert_recv(self, mb: int, layer: int) -> None:
         """Every source's row count per local expert; plans the chunks and compute batches."""
-        counts = [torch.empty(self.num_local, dtype=torch.int64, device=self.torch_device) for _ in self.sources]
+        counts = torch.empty(len(self.sources), self.num_local, dtype=torch.int64, device=self.torch_device)
         for _ in self.transport.receive(list(zip(counts, self.sources)), self._waiting):
             pass
-        chunks = [_Chunk(src, per_expert) for src, c in zip(self.sources, counts)
-                  for per_expert in _chunk_counts(c.tolist(), self.chunk_rows)]
+        # The one host read of this layer and micro-batch: the exchange's sizes, every source's
+        # at once.
+        per_source = counts.tolist()
+        chunks = [_Chunk(src, per_expert) for src, c in zip(self.sources, per_source)
+                  for per_expert in _chunk_counts(c, self.chunk_rows)]
         total = sum(ch.rows for ch in chunks)
         # This exchange's modelled stage (zero computing for real), shared by rows among the chunks.
         stage = self.durations.moe_stage_s(self.num_local, total * self.durations.token_scale)
         for chunk in chunks:
             chunk.modelled_s = stage * chunk.rows / total
-        batches = [_Batch(b, self.torch_device) for b in self.transport.compute_batches(chunks)]
+        # The local expert of every row the exchange brings, sources in order (each sorted by
+        # expert), made on the device from the counts there: the batches' regrouping needs no
+        # index built on the host.
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_local, device=self.torch_device).repeat(len(self.sources)), counts.view(-1),
+            output_size=total)
+        batches, start = [], 0
+        for b in self.transport.compute_batches(chunks):
+            rows = sum(ch.rows for ch in b)
+            batches.append(_Batch(b, expert_of_row[start:start + rows]))
+            start += rows
         self.state[mb, layer] = dict(batches=batches, chunks_per_source=Counter(ch.src for ch in chunks))
 
     def expert_fwd(self, mb: int, layer: int) -> None:
@@ -155,14 +168,12 @@ class _Chunk:
 
 
 class _Batch:
-    """Consecutive chunks computed together, regrouped expert-major by ``perm``."""
+    """Consecutive chunks computed together, regrouped expert-major by ``perm``: a stable sort of
+    their rows (in source order) by ``expert_of_row``, on the device."""
 
-    def __init__(self, chunks: List[_Chunk], device: torch.device):
+    def __init__(self, chunks: List[_Chunk], expert_of_row: torch.Tensor):
         self.chunks = chunks
-        num_local = len(chunks[0].per_expert)
-        expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(num_local), torch.tensor(ch.per_expert))
-                                   for ch in chunks])
-        self.perm = torch.argsort(expert_of_row, stable=True).to(device)
+        self.perm = torch.argsort(expert_of_row, stable=True)
         self.per_expert = [sum(col) for col in zip(*(ch.per_expert for ch in chunks))]
         self.inp = self.out = None
         self.ready: List = []  # when each chunk's result is ready on the device

@@ -195,6 +195,35 @@ def test_layout_independent_init_matches_reference():
         assert torch.equal(value, want[name]), name
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_expert_order_is_the_kept_order_at_a_fixed_size(top_k):
+    """``expert_order`` (argsort by expert with the dropped last, counts by scatter: sizes fixed,
+    no host read) gives exactly the order and counts of the nonzero + bincount formulation it
+    replaced: kept assignments by expert, token order within one, then the dropped ones."""
+    g = torch.Generator().manual_seed(top_k)
+    n, experts = 37, 5
+    idx = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(n)])
+    keep = R.capacity_keep(idx, experts, R.capacity(n, top_k, experts, 0.75))
+    assert not keep.all()  # some assignments are dropped
+    order, counts = D.expert_order(idx, keep, experts)
+    assert order.shape == (n * top_k,) and counts.shape == (experts,) and counts.dtype == torch.int64
+    flat = idx.reshape(-1)
+    kept = torch.nonzero(keep.reshape(-1), as_tuple=True)[0]
+    want = kept[torch.argsort(flat[kept], stable=True)]
+    assert torch.equal(order[:len(want)], want)
+    assert torch.equal(order[len(want):], torch.nonzero(~keep.reshape(-1), as_tuple=True)[0])
+    assert torch.equal(counts, torch.bincount(flat[kept], minlength=experts))
+    assert int(counts.sum()) == len(want)
+    cut, same = D.dispatch_order(idx, keep, experts)
+    assert torch.equal(cut, want) and torch.equal(same, counts)
+    # Nothing kept, and everything kept.
+    none, zero = D.expert_order(idx, torch.zeros_like(keep), experts)
+    assert torch.equal(none, torch.arange(n * top_k)) and not zero.any()
+    every, full = D.expert_order(idx, torch.ones_like(keep), experts)
+    assert torch.equal(every, torch.argsort(flat, stable=True))
+    assert torch.equal(full, torch.bincount(flat, minlength=experts))
+
+
 # --- router: the load-balancing loss in fp64, norm_topk_prob ----------------------------------------
 
 def aux_by_loops(probs, idx, seq_len, top_k, seq_aux):
