@@ -68,10 +68,16 @@ def _squeeze_expert(s: GlobalSlice, t: torch.Tensor) -> torch.Tensor:
     return t.squeeze(0) if ".experts." in s.name and s.dim == 0 and s.stop - s.start == 1 else t
 
 
-def export_global(module: nn.Module, slices: Iterable[GlobalSlice], which: str = "param",
-                  optimizer: Optional[torch.optim.Optimizer] = None, key: str = "") -> Dict[str, torch.Tensor]:
-    """Copy out parameters (``which="param"``), their grads (``"grad"``) or an optimizer state
-    entry (``"state"`` with ``key``, e.g. ``exp_avg``) by global name."""
+def global_view(s: GlobalSlice, tensor: torch.Tensor) -> torch.Tensor:
+    """The global tensor ``s.name`` as a view of ``tensor`` (its local parameter, grad or moment):
+    no copy, so it shares (and keeps alive) the local tensor's storage."""
+    return _squeeze_expert(s, s.view(tensor))
+
+
+def global_views(module: nn.Module, slices: Iterable[GlobalSlice], which: str = "param",
+                 optimizer: Optional[torch.optim.Optimizer] = None, key: str = "") -> Dict[str, torch.Tensor]:
+    """Parameters (``which="param"``), their grads (``"grad"``) or an optimizer state entry
+    (``"state"`` with ``key``, e.g. ``exp_avg``) by global name, as views of the local tensors."""
     params = dict(module.named_parameters())
     out: Dict[str, torch.Tensor] = {}
     for s in slices:
@@ -86,8 +92,14 @@ def export_global(module: nn.Module, slices: Iterable[GlobalSlice], which: str =
             if key not in state:
                 continue
             src = state[key]
-        out[s.name] = _squeeze_expert(s, s.view(src)).clone()
+        out[s.name] = global_view(s, src)
     return out
+
+
+def export_global(module: nn.Module, slices: Iterable[GlobalSlice], which: str = "param",
+                  optimizer: Optional[torch.optim.Optimizer] = None, key: str = "") -> Dict[str, torch.Tensor]:
+    """Copy out parameters, grads or an optimizer state entry by global name (``global_views``)."""
+    return {name: t.clone() for name, t in global_views(module, slices, which, optimizer, key).items()}
 
 
 def import_global(module: nn.Module, slices: Iterable[GlobalSlice], tensors: Dict[str, torch.Tensor],

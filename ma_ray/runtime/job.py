@@ -22,6 +22,7 @@ from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime.cluster import reserve_gpus
 from ma_ray.runtime.links import worker_name
+from ma_ray.runtime.migration import plan_shipments
 from ma_ray.runtime.step_metrics import summarize
 from ma_ray.runtime.worker import Worker
 from ma_ray.runtime.worker_group import WorkerGroup
@@ -59,24 +60,66 @@ class TrainingJob:
     def apply_split(self, attention_gpus: int) -> dict:
         """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
         from their old to their new owners (worker to worker), GPUs whose role changes become
-        workers of the other pool, and the collective groups are rebuilt. Returns what moved and
-        the pause it cost."""
+        workers of the other pool, and the collective groups are rebuilt. Only what moves
+        travels (``migration.plan_shipments``): every old worker cuts exactly the names its new
+        holders lack, one object per shipment, and what a worker keeps stays in place. Returns
+        what moved, the bytes each worker received from each other (``received_bytes``) and the
+        pause it cost."""
         # The policy's range may have been changed at run time; the caller checked it.
         new_plan = make_plan(self.cfg, attention_gpus, within_policy=False)
         t0 = time.perf_counter()
         diff = diff_plans(self.plan, new_plan)
         if diff.is_empty:
-            return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0}
-        # Every worker cuts its state for every slot; slot j's parts are return value j of each.
-        cuts = self.workers.export_for(new_plan, self.slots)
+            return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0,
+                    "shipped_bytes": 0, "received_bytes": {}}
+        shipments = plan_shipments(self.cfg, self.plan, new_plan)
+        outgoing = {slot: [s for s in shipments if s.src == slot] for slot in self.slots}
+        refs = self.workers.export_for(lambda slot: ((outgoing[slot],), {}))
+        incoming: Dict[tuple, list] = {slot: [] for slot in self.slots}
+        for src, sent in outgoing.items():
+            for shipment, ref in zip(sent, refs[src]):
+                for dst in shipment.dsts:
+                    incoming[dst].append((src, ref))
+        old_plan, old_generation = self.plan, self.generation
         self.generation += 1
-        index = {slot: j for j, slot in enumerate(self.slots)}
-        self.workers.become(lambda slot: ((self.cfg, new_plan, slot, self.name, self.generation, self._dataset_ref,
-                                           [cuts[src][index[slot]] for src in self.slots]), {}))
+        answers = self.workers.become(lambda slot: ((self.cfg, new_plan, slot, self.name, self.generation,
+                                                     self._dataset_ref, incoming[slot]), {"carry": True}))
+        del refs, incoming  # the shipped objects leave the store
         self.plan = new_plan
+        self._release_rendezvous_actors(old_generation, old_plan)
+        received = {worker_name(*slot): answer["loaded_bytes"] for slot, answer in sorted(answers.items())
+                    if answer["loaded_bytes"]}
         return {"attention_gpus": attention_gpus, "pause_s": time.perf_counter() - t0,
                 "moved_heads": len(diff.head_moves), "moved_experts": len(diff.expert_moves),
-                "role_changes": len(diff.role_changes)}
+                "role_changes": len(diff.role_changes),
+                "shipped_bytes": sum(n for by_src in received.values() for n in by_src.values()),
+                "received_bytes": received}
+
+    def _release_rendezvous_actors(self, generation: int, plan) -> int:
+        """Kill the detached rendezvous actors Ray's NCCL groups of ``generation`` left behind;
+        returns how many. Ray's NCCL group makes one per communicator, named by a digest of its
+        key and the group name (``ray.util.collective``: ``get_store_name("<key>@<group>")``,
+        key ``"<gpu>"`` for the collectives, ``"<lower rank>_<gpu>:<higher rank>_<gpu>"`` for
+        a pair), created by the pair's lower rank, and only rank 0's destroy removes those it
+        created itself. The group names are ``runtime.links``'s. The CPU backend makes none."""
+        from ray.util.collective.const import get_store_name
+
+        gpus = range(max(1, self.cfg.cluster.gpus_per_node))  # the device index a worker's tensors have
+        wanted = set()
+        for group, size in ((f"{self.name}-g{generation}-world", plan.total_gpus),
+                            (f"{self.name}-g{generation}-attn", plan.attention_gpus)):
+            keys = [str(g) for g in gpus]
+            keys += [f"{lo}_{a}:{hi}_{b}" for lo in range(size) for hi in range(lo + 1, size) for a in gpus for b in gpus]
+            wanted.update(get_store_name(f"{key}@{group}") for key in keys)
+        killed = 0
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"] in wanted:
+                try:
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+                    killed += 1
+                except ValueError:  # gone meanwhile
+                    pass
+        return killed
 
     def step(self, step: int):
         """Run one optimizer step on every worker; returns the step's metrics."""

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
-from ma_ray.model.naming import GlobalSlice, export_global, import_global, initialize
+from ma_ray.model.naming import GlobalSlice, global_view, global_views, initialize
 from ma_ray.optim import ADAM_MOMENTS, build_optimizer, clip_coefficient, lr_factor, param_dtype
+from ma_ray.runtime.migration import TENSOR_KEYS
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import GRAD_SYNC, OPTIMIZER, PASSES
@@ -45,7 +46,9 @@ class Role:
         self.timer = device.timer
         self.module = module
         self.slices = slices
-        initialize(self.module, self.slices, cfg.model.initializer_range, cfg.train.seed)
+        # Not filled yet: the worker fills every parameter once, from the seed (``initialize``)
+        # or from state (``load_state``). Until then the tensors are untouched (on the host, no
+        # pages), so a parameter taken over from the worker's previous role costs nothing.
         self.module.to(self.torch_device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
         self.chunk_rows = transport.chunk_rows
@@ -133,32 +136,185 @@ class Role:
 
     # -- state by global name ---------------------------------------------------------------
 
-    def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
-        out = export_global(self.module, self.slices, which, self.optimizer, key)
-        return {k: v.cpu() for k, v in out.items()}
+    def initialize(self) -> None:
+        """Fill every parameter with its layout-independent seeded value (a start from scratch)."""
+        initialize(self.module, self.slices, self.cfg.model.initializer_range, self.cfg.train.seed)
 
-    def export_state(self, names=None) -> dict:
-        """Parameters and AdamW moments by global name (all, or only ``names``), and the step count:
-        everything a worker of any layout needs to continue this training."""
-        keep = (lambda d: d) if names is None else (lambda d: {k: v for k, v in d.items() if k in names})
-        return {"params": keep(self.export("param")),
-                **{key: keep(self.export("state", key)) for key in ADAM_MOMENTS},
+    def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
+        """Copies on the host by global name, for verification (``model.naming.global_views``)."""
+        views = global_views(self.module, self.slices, which, self.optimizer, key)
+        return {k: v.to("cpu", copy=True) for k, v in views.items()}
+
+    def state_views(self, names=None) -> dict:
+        """Parameters and AdamW moments by global name (all, or only ``names``), as views of this
+        role's tensors (no copy: serialise or write them before the role changes them), and the
+        step count: everything a worker of any layout needs to continue this training."""
+        slices = self.slices if names is None else [s for s in self.slices if s.name in names]
+        return {"params": global_views(self.module, slices, "param"),
+                **{key: global_views(self.module, slices, "state", self.optimizer, key) for key in ADAM_MOMENTS},
                 "optimizer_steps": self.scheduler.last_epoch}
 
-    def load_state(self, state: dict) -> None:
-        """Continue from ``export_state`` payloads (merged over the workers that held the names)."""
-        import_global(self.module, self.slices, state["params"])
-        steps = state["optimizer_steps"]
-        if steps == 0:
-            return  # AdamW has no moments before its first step
-        params = dict(self.module.named_parameters())
-        for key in ADAM_MOMENTS:
-            moments = {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name, p in params.items()}
-            import_global(self.module, self.slices, state[key], moments)
-            for name, p in params.items():
-                self.optimizer.state[p][key] = moments[name]
-        for p in params.values():
-            self.optimizer.state[p]["step"] = torch.tensor(float(steps))
-        self.scheduler.last_epoch = steps
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * lr_factor(steps, self.cfg.train)
+    def export_state(self, names=None) -> dict:
+        """``state_views`` as host copies of their own."""
+        views = self.state_views(names)
+        out = {key: {n: t.to("cpu", copy=True) for n, t in views[key].items()} for key in TENSOR_KEYS}
+        out["optimizer_steps"] = views["optimizer_steps"]
+        return out
+
+    def load_state(self, parts: Union[dict, Iterable[dict]], keep: Optional["Role"] = None) -> None:
+        """Fill every parameter (and, past step 0, its AdamW moments) from ``keep``, the role this
+        worker held before (what it holds of this role's names), and ``parts``: ``export_state``
+        payloads each holding some names, read one at a time (a generator may produce them as it
+        goes; each is emptied as it is read, so its tensors are freed one by one). A local
+        tensor of ``keep`` whose global slices are exactly those of a tensor here is taken over
+        as it is, with its moments; the rest is copied name by name, and each of ``keep``'s
+        tensors is released once nothing more is taken from it, so the old and the new state
+        together stay within the larger of the two and one tensor, beside the part being read.
+        Every name must come from somewhere (``KeyError`` naming the first missing ones); the
+        step counts must agree."""
+        loader = _StateLoader(self)
+        if keep is not None:
+            loader.keep(keep)
+        for part in ([parts] if isinstance(parts, dict) else parts):
+            loader.add(part)
+        loader.finish()
+
+    def release(self) -> None:
+        """Drop this role's tensors (parameters, grads, optimizer state) now, not when the role
+        object is collected: the worker does so as it takes another role."""
+        self.optimizer.state.clear()
+        for p in self.module.parameters():
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def _slices_by_local(slices: Iterable[GlobalSlice]) -> Dict[str, List[GlobalSlice]]:
+    out: Dict[str, List[GlobalSlice]] = {}
+    for s in slices:
+        out.setdefault(s.local, []).append(s)
+    return out
+
+
+def _layout(slices: List[GlobalSlice]) -> frozenset:
+    return frozenset((s.name, s.dim, s.start, s.stop) for s in slices)
+
+
+class _StateLoader:
+    """Fills a role's parameters and moments name by name (``Role.load_state``)."""
+
+    def __init__(self, role: Role):
+        self.role = role
+        self.params = dict(role.module.named_parameters())
+        self.by_name = {s.name: s for s in role.slices}
+        self.by_local = _slices_by_local(role.slices)
+        for local, slices in self.by_local.items():
+            _check_covers(local, self.params[local], slices)
+        self.moments: Dict[str, Dict[str, torch.Tensor]] = {key: {} for key in ADAM_MOMENTS}
+        self.filled: Dict[str, set] = {key: set() for key in TENSOR_KEYS}
+        self.steps: Optional[int] = None
+
+    def _agree(self, steps: int, where: str) -> None:
+        if self.steps is None:
+            self.steps = steps
+        elif steps != self.steps:
+            raise ValueError(f"state parts disagree on the optimizer step: {self.steps} and {steps} ({where})")
+
+    def _target(self, key: str, local: str) -> torch.Tensor:
+        if key == "params":
+            return self.params[local].data
+        moments = self.moments[key]
+        if local not in moments:
+            # Every slice of it will be written: ``finish`` checks that every name was.
+            moments[local] = torch.empty_like(self.params[local], memory_format=torch.preserve_format)
+        return moments[local]
+
+    def _copy(self, key: str, name: str, value: torch.Tensor) -> None:
+        s = self.by_name[name]
+        dst = s.view(self._target(key, s.local))
+        with torch.no_grad():
+            dst.copy_(value.reshape(dst.shape))
+        self.filled[key].add(name)
+
+    def keep(self, old: Role) -> None:
+        self._agree(old.scheduler.last_epoch, "the worker's previous role")
+        old_params = dict(old.module.named_parameters())
+        for p in old_params.values():
+            p.grad = None  # gradients do not travel; drop them before anything new is filled
+        old_by_name = {s.name: s for s in old.slices}
+        old_by_local = _slices_by_local(old.slices)
+        kept = {local: [s for s in slices if s.name in self.by_name] for local, slices in old_by_local.items()}
+        by_layout = {_layout(slices): local for local, slices in old_by_local.items()}
+        for local in [l for l, slices in kept.items() if not slices]:
+            _release(old, old_params[local])  # everything of it moved away (or another role)
+        moment_keys = ADAM_MOMENTS if self.steps > 0 else ()
+        for local, slices in self.by_local.items():
+            p = self.params[local]
+            source = by_layout.get(_layout(slices))
+            if source is not None:
+                q = old_params[source]
+                if (q.shape, q.dtype, q.device) == (p.shape, p.dtype, p.device):
+                    state = old.optimizer.state.get(q, {})
+                    p.data = q.data  # taken over: the very tensor, and its moments
+                    for key in moment_keys:
+                        self.moments[key][local] = state[key]
+                    for key in ("params", *moment_keys):
+                        self.filled[key].update(s.name for s in slices)
+                    kept[source] = []
+                    _release(old, q)
+                    continue
+            for s in slices:
+                o = old_by_name.get(s.name)
+                if o is None:
+                    continue  # it comes in a part
+                q = old_params[o.local]
+                self._copy("params", s.name, global_view(o, q.data))
+                state = old.optimizer.state.get(q, {})
+                for key in moment_keys:
+                    self._copy(key, s.name, global_view(o, state[key]))
+                kept[o.local].remove(o)
+                if not kept[o.local]:
+                    _release(old, q)
+        for local in old_params:
+            _release(old, old_params[local])
+
+    def add(self, part: dict) -> None:
+        self._agree(part["optimizer_steps"], "a state part")
+        keys = TENSOR_KEYS if self.steps > 0 else ("params",)
+        for key in keys:
+            tensors = part.get(key, {})
+            for name in [n for n in tensors if n in self.by_name]:
+                self._copy(key, name, tensors.pop(name))  # popped: each value is freed once copied
+
+    def finish(self) -> None:
+        role, steps = self.role, self.steps
+        if steps is None:
+            raise ValueError("no state to load")
+        for key in TENSOR_KEYS if steps > 0 else ("params",):
+            missing = sorted(set(self.by_name) - self.filled[key])
+            if missing:
+                raise KeyError(f"missing {key} of {len(missing)} names, e.g. {missing[:3]}")
+        if steps > 0:
+            for local, p in self.params.items():
+                state = role.optimizer.state[p]
+                for key in ADAM_MOMENTS:
+                    state[key] = self.moments[key][local]
+                state["step"] = torch.tensor(float(steps))
+        role.scheduler.last_epoch = steps
+        for group, base in zip(role.optimizer.param_groups, role.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(steps, role.cfg.train)
+
+
+def _check_covers(local: str, p: torch.Tensor, slices: List[GlobalSlice]) -> None:
+    """The global slices of a local tensor cover all of it (so filling every name fills it)."""
+    if any(s.dim is None for s in slices):
+        return
+    dims = {s.dim for s in slices}
+    extent = sum(s.stop - s.start for s in slices)
+    if len(dims) != 1 or extent != p.shape[dims.pop()]:
+        raise ValueError(f"the global slices of {local} do not cover it")
+
+
+def _release(old: Role, p: torch.Tensor) -> None:
+    old.optimizer.state.pop(p, None)
+    p.grad = None
+    p.data = torch.empty(0, dtype=p.dtype, device=p.device)

@@ -180,23 +180,28 @@ class BlockOutbox:
 
 
 def pack_block(chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, float]]) -> torch.Tensor:
-    """One modelled message: the chunks' bytes, then a (ready at, bytes) float64 pair per chunk."""
-    stamp = torch.tensor(stamps, dtype=torch.float64).view(-1).view(torch.uint8)
+    """One modelled message on the chunks' device: the chunks' bytes, then a (ready at, bytes)
+    float64 pair per chunk (made on that device too: no tensor of another device is joined)."""
+    device = chunks[0].device
+    stamp = torch.tensor(stamps, dtype=torch.float64, device=device).view(-1).view(torch.uint8)
     return torch.cat([c.contiguous().view(-1).view(torch.uint8) for c in chunks] + [stamp])
 
 
 def unpack_block(landing: torch.Tensor, bufs: Sequence[torch.Tensor]) -> List[List[float]]:
-    """Fill ``bufs`` from a ``pack_block`` message; returns its stamps, [ready at, bytes] each."""
+    """Fill ``bufs`` from a ``pack_block`` message; returns its stamps, [ready at, bytes] each,
+    read back to the host."""
     offset = 0
     for buf in bufs:
         size = buf.numel() * buf.element_size()
         buf.view(-1).view(torch.uint8).copy_(landing[offset:offset + size])
         offset += size
-    # A copy: the stamps start wherever the chunks end, and float64 views need 8-byte alignment.
-    return landing[offset:].clone().view(torch.float64).view(-1, 2).tolist()
+    # A copy on the host: the stamps start wherever the chunks end, and float64 views need 8-byte
+    # alignment.
+    return landing[offset:].to("cpu", copy=True).view(torch.float64).view(-1, 2).tolist()
 
 
 def _landing(bufs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The buffer a ``pack_block`` message of ``bufs``' chunks lands in, on their device."""
     size = sum(b.numel() * b.element_size() for b in bufs) + _STAMP_BYTES * len(bufs)
     return torch.empty(size, dtype=torch.uint8, device=bufs[0].device)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import ray
 import torch
@@ -25,7 +25,9 @@ from ma_ray.parallel.emulation import compute_setup
 from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.device import ModelledDevice, RealDevice
 from ma_ray.runtime.links import Links, worker_name
-from ma_ray.runtime.migration import merge, names_of, owned_state, payload_bytes, restrict
+from ma_ray.runtime.checkpoint import read_shard_index, shard_file
+from ma_ray.runtime.migration import (TENSOR_KEYS, from_wire, names_of, owned_names, payload_bytes, restrict,
+                                      to_wire)
 from ma_ray.runtime.moe_role import MoERole
 from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.transport import ChunkTransport, ModelledBlockTransport
@@ -41,16 +43,21 @@ class Worker:
         self.cfg = None
         self.role = None
         self.links = None
+        self.loaded_bytes: Dict[str, int] = {}  # what the last ``become`` read, from where
 
     @dispatch(PER_SLOT, "set-up")
     def become(self, cfg, plan, slot, job: str, generation: int, dataset,
-               state_parts: Sequence = (), checkpoint: Optional[str] = None) -> dict:
+               state_parts: Sequence = (), checkpoint: Optional[str] = None, carry: bool = False) -> dict:
         """Be the worker of ``plan`` at ``slot`` (node, local GPU): join the plan's groups, build
-        the role, and load its state from ``state_parts`` (references to payloads cut for this
-        slot by ``export_for``) or from a checkpoint folder; with neither, start from the seed."""
-        state = merge(ray.get(list(state_parts))) if state_parts else None
-        if checkpoint is not None:
-            state = _read_checkpoint(checkpoint)
+        the role, and fill its state: with ``carry`` (a change of split), what this worker's
+        current role holds of the new one's names stays in place and ``state_parts``,
+        ``(source slot, reference)`` pairs of ``export_for`` payloads, bring the rest; from a
+        checkpoint folder, only the names it holds; with neither, from the seed. The answer
+        says how many bytes came from where (``loaded_bytes``: source worker or shard -> bytes)."""
+        old = self.role if carry else None
+        if old is not None and old.me.is_attention != plan.at_slot(slot).is_attention:
+            old.release()  # a role of the other pool keeps nothing: free it before the new one is built
+            old = None
         self.close()
         ensure_registered()
         modelled = cfg.emulation.modelled_compute
@@ -77,16 +84,26 @@ class Worker:
             self.role = AttentionRole(cfg, plan, me, self.links, device, transport, durations, dataset)
         else:
             self.role = MoERole(cfg, plan, me, self.links, device, transport, durations)
-        if state is not None:
-            self.role.load_state(restrict(state, names_of(cfg, me)))
+        loaded: Dict[str, int] = {}
+        if checkpoint is not None:
+            self.role.load_state(_read_checkpoint(checkpoint, names_of(cfg, me), loaded))
+        elif carry:
+            self.role.load_state(_fetched(state_parts, loaded), keep=old)
+        else:
+            self.role.initialize()
+        del old
+        self.loaded_bytes = loaded
         return {"gpu": me.gpu, "role": me.role, "device": str(self.torch_device),
-                "ray_gpu_ids": ray.get_gpu_ids(), "node_ip": ray.util.get_node_ip_address()}
+                "ray_gpu_ids": ray.get_gpu_ids(), "node_ip": ray.util.get_node_ip_address(),
+                "loaded_bytes": loaded}
 
-    @dispatch(ONE_TO_ALL, "migration export", blocking=False, num_returns=lambda new_plan, slots: len(slots))
-    def export_for(self, new_plan, slots: List) -> tuple:
-        """This worker's state cut for each slot of ``new_plan`` (one return value per slot)."""
-        mine = owned_state(self.cfg, self.role.me, self.role.export_state())
-        return tuple(restrict(mine, names_of(self.cfg, new_plan.at_slot(slot))) for slot in slots)
+    @dispatch(PER_SLOT, "migration export", blocking=False, num_returns=lambda shipments: len(shipments))
+    def export_for(self, shipments: Sequence):
+        """The payload of each of this worker's ``migration.Shipment``s (one return value each):
+        exactly its names, as views on the wire (``migration.to_wire``), never a copy of what
+        stays here."""
+        payloads = tuple(to_wire(self.role.state_views(set(s.names))) for s in shipments)
+        return payloads[0] if len(payloads) == 1 else (payloads or None)
 
     @dispatch(ONE_TO_ALL, "train step")
     def train_step(self, step: int) -> WorkerStepResult:
@@ -98,10 +115,15 @@ class Worker:
 
     @dispatch(ONE_TO_ALL, "checkpoint save")
     def save_shard(self, folder: str) -> int:
-        """Write the state this worker is the single source of into ``folder``; returns bytes."""
+        """Write the state this worker is the single source of into ``folder``; returns bytes.
+        Views are written as they are: ``torch.save`` writes each storage once, and the names a
+        worker owns cover its storages whole, so nothing is cloned on the way."""
         me = self.role.me
-        state = owned_state(self.cfg, me, self.role.export_state())
-        path = Path(folder) / f"{worker_name(me.node, me.local_gpu)}.pt"
+        state = self.role.state_views(owned_names(self.cfg, me))
+        if self.torch_device.type != "cpu":
+            state = {**{key: {n: t.to("cpu") for n, t in state[key].items()} for key in TENSOR_KEYS},
+                     "optimizer_steps": state["optimizer_steps"]}
+        path = Path(folder) / shard_file(worker_name(me.node, me.local_gpu))
         tmp = path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -114,6 +136,29 @@ class Worker:
         self.role = self.links = None
 
 
-def _read_checkpoint(folder: str) -> dict:
-    shards = sorted(Path(folder).glob("*.pt"))
-    return merge([torch.load(p, map_location="cpu", weights_only=True) for p in shards])
+def _fetched(parts: Sequence, loaded: Dict[str, int]) -> Iterator[dict]:
+    """The payloads of ``(source slot, reference)`` pairs, fetched one at a time (each mapped
+    from the object store, read, then dropped); counts their bytes into ``loaded``."""
+    for src, ref in parts:
+        part = from_wire(ray.get(ref))
+        name = worker_name(*src)
+        loaded[name] = loaded.get(name, 0) + payload_bytes(part)
+        yield part
+
+
+def _read_checkpoint(folder: str, names, loaded: Dict[str, int]) -> Iterator[dict]:
+    """The parts of a checkpoint that hold any of ``names``, one shard at a time and only those
+    names: a shard is mapped, not read (``torch.load(mmap=True)``), so only the bytes of the names
+    taken are, and the checkpoint's ``shards.json`` says which shards to open at all (one written
+    without it: every shard is opened, still reading only the names taken)."""
+    names = set(names)
+    index = read_shard_index(Path(folder))
+    if index is None:
+        shards = sorted(Path(folder).glob("*.pt"))
+    else:
+        shards = [Path(folder) / f for f, held in sorted(index.items()) if names.intersection(held)]
+    for path in shards:
+        part = restrict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), names)
+        if any(part[key] for key in TENSOR_KEYS):
+            loaded[path.name] = payload_bytes(part)
+            yield part

@@ -15,7 +15,7 @@ from ma_ray.parallel.step_time import ideal_pass_s, ideal_step_s, overlap_effici
 from ma_ray.parallel.time_model import predict_stage_times
 from ma_ray.parallel.placement import make_plan
 from ma_ray.parallel.workload import Workload
-from ma_ray.runtime.transport import pack_block, unpack_block
+from ma_ray.runtime.transport import _landing, pack_block, unpack_block
 
 PAPER = "cluster/paper-16gpu.yaml"
 
@@ -80,6 +80,22 @@ def test_block_framing_round_trips_any_row_size():
     assert [tuple(s) for s in unpack_block(message, bufs)] == stamps
     for buf, chunk in zip(bufs, chunks):
         assert torch.equal(buf, chunk)
+
+
+def test_block_framing_stays_on_the_chunks_device():
+    """A block of chunks on a device (``meta`` stands for a GPU: it has shapes and a device but no
+    data) is packed on that device: stamps included, nothing is joined across devices (torch.cat
+    refuses a meta tensor beside a CPU one, as it refuses a CUDA one), and the message has the
+    size its landing buffer on the receiver has. The bytes themselves are checked on CPU above."""
+    chunks = [torch.empty(n, 10, dtype=torch.bfloat16, device="meta") for n in (3, 1, 2)]
+    stamps = [(1_790_000_000.5, 1.5e6)] * 3
+    message = pack_block(chunks, stamps)
+    assert message.device.type == "meta" and message.dtype == torch.uint8
+    assert message.shape == (sum(c.numel() * 2 for c in chunks) + 16 * len(chunks),)
+    landing = _landing([torch.empty_like(c) for c in chunks])
+    assert landing.device.type == "meta" and landing.shape == message.shape
+    with pytest.raises(RuntimeError):  # what the old framing did: CPU stamps beside device chunks
+        torch.cat([chunks[0].view(-1).view(torch.uint8), torch.zeros(16, dtype=torch.uint8)])
 
 
 def test_ideal_pipeline():
