@@ -145,4 +145,5 @@ class TrainingJob:
         except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
             pass
         self.workers.kill()
+        self._release_rendezvous_actors(self.generation, self.plan)  # the last generation's too
         ray.util.remove_placement_group(self.pg)
