@@ -384,15 +384,14 @@ class CpuGlooGroup(BaseGroup):
         op = f"send #{self._ops} to {self._ident.peer(dst)} ({tensor.numel()} x {_dtype_name(tensor.dtype)})"
         _publish(f"{op} in group '{self.group_name}', waiting for {self._ident.peer(dst)} to post the matching receive")
         ready = torch.empty(2, dtype=torch.int64)
-        self._strict_wait(self._p2p(op, lambda pg: pg.recv([ready], dst, _READY_TAG)), waiting_for=[dst])
+        self._handshake(op, dst, lambda pg: pg.recv([ready], dst, _READY_TAG))
         count, code = ready.tolist()
         ok = count == tensor.numel() and code == _DTYPE_CODES.get(tensor.dtype, -1)
         verdict = torch.tensor([1 if ok else 0], dtype=torch.int64)
-        self._strict_wait(self._p2p(op, lambda pg: pg.send([verdict], dst, _VERDICT_TAG)), waiting_for=[dst])
+        self._handshake(op, dst, lambda pg: pg.send([verdict], dst, _VERDICT_TAG))
         if not ok:
             raise self._mismatch(op, f"the matching receive expects {count} x {_dtype_name(_DTYPES.get(code))}")
-        self._strict_wait(self._p2p(op, lambda pg: pg.send([tensor.contiguous()], dst, _PAYLOAD_TAG)),
-                          waiting_for=[dst])
+        self._handshake(op, dst, lambda pg: pg.send([tensor.contiguous()], dst, _PAYLOAD_TAG))
         _publish("idle")
         return CompletedHandle(None, op)
 
@@ -401,23 +400,25 @@ class CpuGlooGroup(BaseGroup):
         op = f"recv #{self._ops} from {self._ident.peer(src)} ({tensor.numel()} x {_dtype_name(tensor.dtype)})"
         _publish(f"{op} in group '{self.group_name}', waiting for {self._ident.peer(src)} to post the matching send")
         ready = torch.tensor([tensor.numel(), _DTYPE_CODES.get(tensor.dtype, -1)], dtype=torch.int64)
-        self._strict_wait(self._p2p(op, lambda pg: pg.send([ready], src, _READY_TAG)), waiting_for=[src])
+        self._handshake(op, src, lambda pg: pg.send([ready], src, _READY_TAG))
         verdict = torch.empty(1, dtype=torch.int64)
-        self._strict_wait(self._p2p(op, lambda pg: pg.recv([verdict], src, _VERDICT_TAG)), waiting_for=[src])
+        self._handshake(op, src, lambda pg: pg.recv([verdict], src, _VERDICT_TAG))
         if not int(verdict):
             raise self._mismatch(op, "the matching send has another element count or dtype")
         landing = tensor if tensor.is_contiguous() else torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        self._strict_wait(self._p2p(op, lambda pg: pg.recv([landing], src, _PAYLOAD_TAG)), waiting_for=[src])
+        self._handshake(op, src, lambda pg: pg.recv([landing], src, _PAYLOAD_TAG))
         if landing is not tensor:
             tensor.copy_(landing)
         _publish("idle")
         return CompletedHandle(None, op)
 
-    def _p2p(self, op: str, launch: Callable[[Any], Any]) -> CommHandle:
+    def _handshake(self, op: str, peer: int, launch: Callable[[Any], Any]) -> None:
+        """One message of a strict send/recv with ``peer``, waited for at once."""
         if self._broken is not None:
             raise group_broken(self._ident, op, self._broken)
-        return CommHandle(launch(self._pg), ident=self._ident, op=op, timeout_ms=self._timeout_ms,
-                          on_failure=self._mark_broken)
+        handle = CommHandle(launch(self._pg), ident=self._ident, op=op, timeout_ms=self._timeout_ms,
+                            on_failure=self._mark_broken)
+        self._strict_wait(handle, waiting_for=[peer])
 
     def _strict_wait(self, handle: CommHandle, waiting_for) -> Any:
         """``handle.wait()``; past the timeout, a deadlock naming what each peer it waits for
