@@ -10,17 +10,24 @@ one NCCL rank, so NCCL itself is not among them; see bench/RESULTS.md, "What nee
 2. CUDA-event timing (``runtime.device.RealDevice``): a compute region's timed seconds equal the
    device time of its kernels (host-synchronised wall clock around the same work), while the
    host returns before the kernels finish.
-3. Stream order around NCCL (``comm.groups.stream_ordered``): a one-rank NCCL group (one GPU
+3. A wait's timing (``RealDevice.waiting``): while a side stream runs a 200 ms kernel that the
+   compute stream must wait for, the wait is timed at the stall's device time, the host returns
+   at once, and the compute region after it is not charged for the stall.
+4. Stream order around NCCL (``comm.groups.stream_ordered``): a one-rank NCCL group (one GPU
    holds one rank) all-gathers a buffer that a slow kernel on a priority stream is still
    writing; the output must be what the kernel wrote, and torch work after the op must see it.
-4. The rendezvous actors of NCCL groups: creating and destroying a group leaves the count of
+   The same for a non-blocking all-reduce (``groups.iallreduce``): its host call returns before
+   the device is done, and the work after its ``wait()`` sees the sum.
+5. The rendezvous actors of NCCL groups: creating and destroying a group leaves the count of
    named Ray actors as it was.
-5. Modelled-compute messages with CUDA chunks (``runtime.transport.pack_block``/``unpack_block``):
+6. Modelled-compute messages with CUDA chunks (``runtime.transport.pack_block``/``unpack_block``):
    a block of CUDA chunks packs and unpacks on the device, stamps intact.
-6. Throughput of an attention shard and an expert group at the seed's shapes
+7. Stream priorities (``runtime.device.cuda_priority``): the attention pool's current stream
+   has the device's highest priority, the MoE pool's its default, and regions are timed on them.
+8. Throughput of an attention shard and an expert group at the seed's shapes
    (``bench/gpu_shard_throughput.py``).
 
-Checks 3 and 4 need cupy (``pip install -e ".[gpu]"``) and Ray; without them they say so.
+Checks 4 and 5 need cupy (``pip install -e ".[gpu]"``) and Ray; without them they say so.
 
 Prints one line per check and exits 1 if a check fails, 2 without CUDA.
 """
@@ -101,6 +108,34 @@ def check_event_timing(dev: torch.device) -> bool:
     return good
 
 
+def check_wait_timing(dev: torch.device) -> bool:
+    device = RealDevice(dev)
+    x = torch.randn(2048, 2048, device=dev)
+    side = torch.cuda.Stream()
+    cycles = int(torch.cuda.get_device_properties(dev).clock_rate * 1e3 * 0.2)  # kHz -> ~200 ms
+    torch.cuda.synchronize()
+    device.timer.reset()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(cycles)  # stands for a transfer on NCCL's stream
+        arrived = torch.cuda.Event()
+        arrived.record()
+    wall0 = time.perf_counter()
+    with device.waiting("wait"):
+        torch.cuda.current_stream().wait_event(arrived)
+    host_s = time.perf_counter() - wall0
+    with device.compute("after"):
+        x = x @ x
+    torch.cuda.synchronize()
+    stall_s = time.perf_counter() - wall0
+    timed = device.timer.totals()
+    good = (abs(timed["wait"] - stall_s) <= 0.15 * stall_s and host_s < 0.1 * stall_s
+            and timed["after"] < 0.25 * stall_s)
+    print(f"wait timing: wait timed {timed['wait'] * 1e3:.1f} ms of a {stall_s * 1e3:.1f} ms stall, host returned "
+          f"after {host_s * 1e3:.2f} ms, the compute after it {timed['after'] * 1e3:.1f} ms: "
+          f"{'ok' if good else 'FAILED'}")
+    return good
+
+
 def _stream_order_in_an_actor() -> bool:
     """Inside a Ray actor (ray.util.collective's groups live in actors): returns whether the
     all-gather saw the producer's data and its consumer the result."""
@@ -120,6 +155,17 @@ def _stream_order_in_an_actor() -> bool:
         seen = out[0].sum()  # torch work after the op, on the same stream
     torch.cuda.synchronize()
     ordered = bool(torch.equal(out[0], x)) and float(seen) == float(x.sum())
+    with torch.cuda.stream(side):
+        for _ in range(8):
+            a = a @ a / 64
+        y = a.flatten()[: x.numel()].abs() + 1
+        expected = y.clone()
+        handle = groups.iallreduce(y, "gpu-check")
+        queued = not handle.is_completed()  # the host came back before the device was done
+        handle.wait()
+        seen = y.sum()
+    torch.cuda.synchronize()
+    ordered = ordered and queued and bool(torch.equal(y, expected)) and float(seen) == float(expected.sum())
     groups.destroy_group("gpu-check")
     return ordered
 
@@ -139,7 +185,7 @@ def check_nccl_stream_order(dev: torch.device) -> bool:
         after = len(ray.util.list_named_actors(all_namespaces=True))
     finally:
         ray.shutdown()
-    print(f"NCCL stream order: all-gather saw the producer's data and its consumer the result: "
+    print(f"NCCL stream order: all-gather and queued all-reduce saw the producer's data, their consumers the result: "
           f"{'ok' if ordered else 'FAILED'}")
     print(f"NCCL rendezvous actors: {before} named actors before a group, {after} after its destroy: "
           f"{'ok' if after == before else 'FAILED'}")
@@ -160,6 +206,23 @@ def check_modelled_messages(dev: torch.device) -> bool:
     return good
 
 
+def check_stream_priorities(dev: torch.device) -> bool:
+    """``RealDevice`` with the method's priorities (``comm.*_stream_priority``): the attention
+    pool's work runs on a current stream of the device's highest priority, the MoE pool's on one
+    of its default; a region is timed on it."""
+    least, greatest = torch.cuda.current_stream(dev).priority_range()
+    got = {}
+    for pool, seed in (("attention", 0), ("moe", 1)):
+        device = RealDevice(dev, seed)
+        with device.compute("work"):
+            torch.randn(1024, 1024, device=dev).matmul(torch.randn(1024, 1024, device=dev))
+        device.synchronize()
+        got[pool] = (torch.cuda.current_stream(dev).priority, device.timer.totals()["work"] > 0)
+    good = got == {"attention": (greatest, True), "moe": (least, True)}
+    print(f"stream priorities (range {least} .. {greatest}): {got}: {'ok' if good else 'FAILED'}")
+    return good
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batch", type=int, default=4, help="for the throughput check")
@@ -169,8 +232,8 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    ok = all([check_bf16_checkpointing(dev), check_event_timing(dev), check_nccl_stream_order(dev),
-              check_modelled_messages(dev)])
+    ok = all([check_bf16_checkpointing(dev), check_event_timing(dev), check_wait_timing(dev),
+              check_nccl_stream_order(dev), check_modelled_messages(dev), check_stream_priorities(dev)])
     throughput = subprocess.run([sys.executable, str(ROOT / "bench/gpu_shard_throughput.py"),
                                  "--micro-batch", str(args.micro_batch)], cwd=ROOT)
     return 0 if ok and throughput.returncode == 0 else 1

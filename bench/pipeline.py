@@ -27,7 +27,6 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_worker_niceness", "0")  # same priority as this process
 
 import ray  # noqa: E402
@@ -37,6 +36,7 @@ from ma_ray.data import build_dataset  # noqa: E402
 from ma_ray.parallel.emulation import compute_setup, stage_durations  # noqa: E402
 from ma_ray.parallel.step_time import FORWARD_SHARE, PipelineShape, overlap_efficiency, step_time_s  # noqa: E402
 from ma_ray.parallel.placement import make_plan  # noqa: E402
+from ma_ray.parallel.shares import share_counts  # noqa: E402
 from ma_ray.parallel.workload import Workload  # noqa: E402
 from ma_ray.runtime.cluster import connect  # noqa: E402
 from ma_ray.runtime.job import TrainingJob  # noqa: E402
@@ -48,16 +48,14 @@ def emulated_stage_times(cfg):
     d = stage_durations(cfg)
     plan = make_plan(cfg)
     shape = Workload(cfg).shape(plan.attention_gpus)
-    one_node = len({g.node for g in plan.attention_workers()}) == 1
-    full = cfg.train.micro_batch_size * cfg.train.seq_length * cfg.model.hidden_size * d.activation_bytes
-    ring = d.ring_s(full, plan.attention_gpus, one_node)
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_length
+    full = tokens * cfg.model.hidden_size * d.activation_bytes
+    ring = d.pool_collective_s(plan, full, False, cfg.comm.hierarchical_allreduce,
+                               share_counts(tokens, plan.attention_gpus))
     rings = 4 * ring  # gather + scatter, each pass
     t_a = d.attention_stage_s(shape.heads, shape.tokens) + rings
     t_m = d.moe_stage_s(shape.experts, shape.rows)
-    rows_per_source = shape.rows / plan.attention_gpus
-    bytes_per_source = rows_per_source * cfg.model.hidden_size * d.activation_bytes
-    t_c = max(sum(bytes_per_source / d.bandwidth(a.node == m.node) for a in plan.attention_workers())
-              for m in plan.moe_workers())
+    t_c = d.moe_inbound_s(plan, shape.rows)
     return t_a, t_m, t_c, rings
 
 

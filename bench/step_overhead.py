@@ -38,7 +38,6 @@ import sys
 import time
 from collections import defaultdict
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray starts worker processes at niceness 15 (its default ``worker_niceness``; ``ray job submit``
 # sets 0). The reference runs in this process at niceness 0, so on a machine with any other load
 # the workers would get a fraction of the CPU the reference gets: give them the same priority.
@@ -269,7 +268,7 @@ def main(argv=None) -> int:
 def print_breakdown(plan, labels, med_dist: float) -> None:
     """Median seconds per step of every worker's timing labels, by pool."""
     print(f"\nper-worker timings, median seconds per step (distributed step {med_dist:.4f} s wall);")
-    print("runtime labels (attention, moe, grad_sync, optimizer, wait_*) are the worker thread's CPU time:")
+    print("runtime labels (attention, moe, optimizer) are the worker thread's CPU time, waits (grad_sync, wait_*) wall time:")
     for is_attention, title in ((True, "attention pool"), (False, "MoE pool")):
         for g in (g for g in plan.gpus if g.is_attention == is_attention):
             mine = {lab: statistics.median(v) for (gpu, lab), v in labels.items() if gpu == g.gpu}

@@ -61,12 +61,18 @@ class ClusterConfig:
     num_nodes: int = 4
     gpus_per_node: int = 4
     attention_gpus: int = 12
+    # Data-parallel copies of the MA group above, each on num_nodes nodes of its own, taking an
+    # equal share of the step's micro-batches (train.gradient_accumulation_steps).
+    replicas: int = 1
     # Start a private local Ray node that advertises the topology's GPUs as fake resources (the
     # workers then compute on CPU). Says nothing about compute time: see emulation.modelled_compute.
     fake_gpus: bool = False
     # Ray address to join when not emulating ("auto" = the cluster `ray job submit` runs in).
     address: str = "auto"
     placement_timeout_s: float = 60.0
+    # Port of the Prometheus endpoint (/metrics) of the private node fake_gpus starts; null =
+    # one Ray picks. job.json records the node's endpoint either way.
+    metrics_export_port: Optional[int] = None
 
 
 @dataclass
@@ -80,6 +86,11 @@ class BalanceConfig:
     # [constant, expert_dim, active_experts] coefficients, in seconds.
     attn_time_coef: List[float] = field(default_factory=lambda: [0.0012, 0.000034, 0.0000087])
     moe_time_coef: List[float] = field(default_factory=lambda: [0.0008, 0.000045, 0.000012])
+    # The layout the coefficients above describe, [num_nodes, gpus_per_node, attention_gpus]:
+    # the seed's 4 x 4 at 12. Another layout's stage times follow from its GPUs' work relative
+    # to this one's (parallel/workload.py), so the planner, the controller's prior and the
+    # emulation price every layout alike. null: the configured layout.
+    time_coef_layout: Optional[List[int]] = field(default_factory=lambda: [4, 4, 12])
     # Prior of a migration's pause (not in the seed): seconds any change of split costs (roles
     # and collective groups rebuilt), and the rate at which the busiest receiving GPU takes in
     # moved parameters and moments. Measured pauses refine it (control/migration_cost.py).
@@ -99,13 +110,27 @@ class BalanceConfig:
 class CommConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     synchronization_timeout_ms: int = 5000
+    # Each pool's CUDA compute stream (runtime.device.cuda_priority): 0 CUDA's highest priority,
+    # anything else its default, the NCCL streams' own. No effect on CPU.
     attention_stream_priority: int = 0
     moe_stream_priority: int = 1
     sparsification_ratio: float = 0.1
     quantization_bits: int = 8
     compression_overhead: float = 0.05
     overlap_efficiency_target: float = 0.85
+    # The attention pool's collectives inside each node, then across nodes (comm.aggregation).
     hierarchical_allreduce: bool = True
+    # How gradients cross nodes (the cross-node level of the two-level all-reduce, comm.cross_node):
+    # "none" (exact), "bf16" (a dense bf16 ring, torch's bf16 hook's math), or "topk" (the seed's:
+    # the sparsification_ratio largest entries of each block of compression_block_size, in
+    # quantization_bits with a scale per block, with error feedback).
+    gradient_compression: Literal["none", "bf16", "topk"] = "none"
+    compression_block_size: int = 2048
+    # Optimizer steps, from step 0, whose gradients cross nodes dense and exact before topk
+    # compresses (1-bit Adam's warm-up stage, DGC's warm-up): 20 % of train.num_train_steps,
+    # inside the 15-25 % 1-bit Adam found enough; the local preset measured its own
+    # (bench/RESULTS.md, issue 11).
+    compression_warmup_steps: int = 10000
     # The CPU backend behaves like Ray's NCCL group: every op blocking in issue order, sends that
     # complete only at the matching receive, a wait past the timeout reported as a deadlock
     # (ma_ray/comm/cpu_backend.py). MA_RAY_STRICT_NCCL=1 turns it on for a whole run.
@@ -143,6 +168,18 @@ class TrainConfig:
     activation_checkpointing: bool = True
     seed: int = 0
     checkpoint_interval: int = 1000
+    # Failures (a worker's death or stall, a failed collective, the controller's death) the run
+    # recovers from by itself, restarting every worker from the latest checkpoint; 0 = the first
+    # failure ends the run.
+    max_failures: int = 3
+    # After a failure that leaves the cluster unable to hold the topology (a node is gone), go
+    # on with the nodes that are left, at the split the predictor chooses for them.
+    elastic: bool = False
+    # Checkpoints kept on disk (the newest ones); null keeps them all.
+    keep_checkpoints: Optional[int] = None
+    # A step whose loss or gradient norm is not finite is never applied. skip: go on with the next
+    # step and count it (Megatron's behaviour); stop: end the run with one line.
+    on_nonfinite: Literal["skip", "stop"] = "stop"
 
 
 @dataclass
@@ -163,6 +200,9 @@ class ControlConfig:
     # The most seconds the driver waits for the workers' answers to one call (set-up, a step, a
     # migration, a checkpoint, an export); past it the call fails naming who did not answer.
     worker_timeout_s: float = 600.0
+    # The most seconds joining a cluster may take (train on cluster.address, `ma-ray status`,
+    # ma_ray.connect): past it, one line "no ma-ray job reachable at ADDR" instead of Ray's retries.
+    connect_timeout_s: float = 5.0
 
 
 @dataclass
@@ -185,6 +225,14 @@ class EmulationConfig:
     # H100/H200 SXM node (900 GB/s both ways) and one 400 Gb/s NDR InfiniBand port per GPU.
     intra_node_gb_per_s: float = 450.0
     inter_node_gb_per_s: float = 50.0
+    # The GPU's gradient compress + decode throughput (GB/s of fp32 input), for their modelled
+    # time: an assumption for a memory-bound kernel pair on an H100-class GPU (this CPU's
+    # measured figures are in bench/RESULTS.md).
+    compression_gb_per_s: float = 100.0
+    # Keep each worker's modelled device clock (``runtime.device``): the step's length on the
+    # modelled GPUs without the host's time, reported as the ``device_clock`` timing. Costs one
+    # extra all-gather of a float per collective of the attention pool (host time only).
+    device_clock: bool = False
     # Shapes of the stand-in tensors (the model's head and expert counts are kept).
     stand_in_head_size: int = 2
     stand_in_intermediate_size: int = 8
@@ -210,6 +258,11 @@ class Config:
     @property
     def total_gpus(self) -> int:
         return self.cluster.num_nodes * self.cluster.gpus_per_node
+
+    @property
+    def micro_batches_per_replica(self) -> int:
+        """The micro-batches each MA group runs a step (all of them with one replica)."""
+        return self.train.gradient_accumulation_steps // self.cluster.replicas
 
     @property
     def moe_gpus(self) -> int:
@@ -403,7 +456,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
         ("model.intermediate_size", m.intermediate_size),
         ("model.max_position_embeddings", m.max_position_embeddings),
         ("model.vocab_size", m.vocab_size), ("moe.num_experts", moe.num_experts),
-        ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes),
+        ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes), ("cluster.replicas", c.replicas),
         ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
         ("balance.min_attention_gpus", b.min_attention_gpus),
         ("schedule.max_concurrent_communications", schedule.max_concurrent_communications),
@@ -446,11 +499,22 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
         _require(0.0 <= value < 1.0, f"{path}: must be in [0, 1), got {value}")
     _require(0.0 < comm.sparsification_ratio <= 1.0,
              f"comm.sparsification_ratio: must be in (0, 1], got {comm.sparsification_ratio}")
+    _require(comm.quantization_bits <= 8, f"comm.quantization_bits: must be in 1..8, got {comm.quantization_bits}")
+    for key in ("attention_stream_priority", "moe_stream_priority"):
+        _require(getattr(comm, key) >= 0, f"comm.{key}: must be 0 (high) or more (normal), got {getattr(comm, key)}")
+    _require(1 <= comm.compression_block_size <= 65536,
+             f"comm.compression_block_size: must be in 1..65536 (offsets are 16-bit), got {comm.compression_block_size}")
+    _require(comm.compression_warmup_steps >= 0,
+             f"comm.compression_warmup_steps: must not be negative, got {comm.compression_warmup_steps}")
+    _require(comm.gradient_compression == "none" or comm.hierarchical_allreduce,
+             f"comm.gradient_compression: {comm.gradient_compression} compresses the cross-node level of the "
+             f"two-level all-reduce; it needs comm.hierarchical_allreduce: true")
     _require(0.0 < comm.overlap_efficiency_target <= 1.0,
              f"comm.overlap_efficiency_target: must be in (0, 1], got {comm.overlap_efficiency_target}")
     for path, value in [("balance.migration_gb_per_s", b.migration_gb_per_s),
                         ("emulation.intra_node_gb_per_s", cfg.emulation.intra_node_gb_per_s),
-                        ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s)]:
+                        ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s),
+                        ("emulation.compression_gb_per_s", cfg.emulation.compression_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
     # The policy's hysteresis knobs (tested with the policy, tests/unit/test_control.py).
     _require(b.min_gain_fraction >= 0 and math.isfinite(b.min_gain_fraction),
@@ -478,20 +542,43 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
              f"balance.min_attention_gpus: {b.min_attention_gpus} is greater than "
              f"balance.max_attention_gpus ({b.max_attention_gpus})")
     check_split(cfg, c.attention_gpus, key=split_key)
+    if b.time_coef_layout is not None:
+        _require(len(b.time_coef_layout) == 3 and all(v >= 1 for v in b.time_coef_layout),
+                 f"balance.time_coef_layout: needs [num_nodes, gpus_per_node, attention_gpus], each at least 1, "
+                 f"or null, got {b.time_coef_layout}")
+        from ma_ray.parallel.split import split_error  # ma_ray.parallel's package imports this module
+
+        n, g, k = b.time_coef_layout
+        problem = split_error(k, n * g, m.num_attention_heads, moe.num_experts,
+                              key="balance.time_coef_layout")
+        _require(problem is None, f"{problem}; set balance.time_coef_layout to a layout of this model, or null "
+                                  f"for the configured one")
 
     _require(t.batch_size % t.micro_batch_size == 0,
              f"train.micro_batch_size: {t.micro_batch_size} does not divide train.batch_size ({t.batch_size})")
     _require(t.gradient_accumulation_steps * t.micro_batch_size == t.batch_size,
              f"train.gradient_accumulation_steps: must be batch_size / micro_batch_size "
              f"({t.batch_size // t.micro_batch_size}), got {t.gradient_accumulation_steps}")
+    _require(t.gradient_accumulation_steps % c.replicas == 0,
+             f"cluster.replicas: {c.replicas} replicas cannot share the step's {t.gradient_accumulation_steps} "
+             f"micro-batches (train.gradient_accumulation_steps) equally")
+    _require(not (t.elastic and c.replicas > 1),
+             f"train.elastic: going on with fewer nodes is built for one replica, not cluster.replicas={c.replicas}")
     _require(t.seq_length <= m.max_position_embeddings,
              f"train.seq_length: {t.seq_length} exceeds model.max_position_embeddings ({m.max_position_embeddings})")
     _require(t.min_learning_rate <= t.learning_rate,
              f"train.min_learning_rate: {t.min_learning_rate} exceeds train.learning_rate ({t.learning_rate})")
     _require(t.warmup_steps <= t.num_train_steps,
              f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
+    _require(t.max_failures >= 0, f"train.max_failures: must not be negative, got {t.max_failures}")
+    _require(t.keep_checkpoints is None or t.keep_checkpoints >= 1,
+             f"train.keep_checkpoints: must be null or at least 1, got {t.keep_checkpoints}")
     _require(cfg.control.worker_timeout_s > 0 and math.isfinite(cfg.control.worker_timeout_s),
              f"control.worker_timeout_s: must be a positive number of seconds, got {cfg.control.worker_timeout_s}")
+    _require(cfg.control.connect_timeout_s > 0 and math.isfinite(cfg.control.connect_timeout_s),
+             f"control.connect_timeout_s: must be a positive number of seconds, got {cfg.control.connect_timeout_s}")
+    _require(c.metrics_export_port is None or 1 <= c.metrics_export_port <= 65535,
+             f"cluster.metrics_export_port: must be null or a port in [1, 65535], got {c.metrics_export_port}")
     _require(bool(cfg.control.name.strip()), "control.name: must not be empty")
     _require(bool(cfg.control.namespace.strip()), "control.namespace: must not be empty")
     _require(cfg.data.max_text_bytes is None or cfg.data.max_text_bytes >= 1,

@@ -51,7 +51,7 @@ from torch.distributed.distributed_c10d import AllgatherOptions as _TorchAllgath
 
 from ma_ray.comm import rendezvous
 from ma_ray.comm.errors import CommDeadlockError, CommError, GroupIdentity, group_broken
-from ma_ray.comm.handles import CommHandle, CompletedHandle
+from ma_ray.comm.handles import CommHandle, CompletedHandle, FailedLaunch
 
 BACKEND_NAME = "MA_GLOO"
 DEFAULT_TIMEOUT_MS = 5000
@@ -83,6 +83,8 @@ class GroupOptions:
     members: the members' names, by rank, for error messages.
     worker_name: this worker's name in error messages (default: members[rank] or actor name).
     generation: distinguishes re-creations of the same group with the same members.
+    listen_host: the address the group's store and gloo's pairs listen on (default: this node's
+    Ray address); loopback when every member is on this machine (an emulated cluster).
     """
 
     timeout_ms: int = DEFAULT_TIMEOUT_MS
@@ -91,6 +93,7 @@ class GroupOptions:
     worker_name: Optional[str] = None
     generation: int = 0
     strict: bool = False
+    listen_host: Optional[str] = None
 
 
 def strict_requested(setting: bool) -> bool:
@@ -167,18 +170,18 @@ class CpuGlooGroup(BaseGroup):
         key = rendezvous.rendezvous_key(self.group_name, self.world_size, opts.members,
                                         opts.generation)
         deadline = time.monotonic() + opts.init_timeout_ms / 1000.0
+        host = opts.listen_host or ray.util.get_node_ip_address()
         try:
             store = rendezvous.open_store(key, self.rank, self.world_size, deadline,
-                                          self.group_name)
+                                          self.group_name, host)
             self._store_address = (store.host, store.port)
             prefixed = dist.PrefixStore(f"{self.group_name}/", store)
             rendezvous.wait_for_all(prefixed, self.rank, self.world_size, deadline)
-            host = ray.util.get_node_ip_address()
             pg_opts = dist.ProcessGroupGloo._Options()
             # The context timeout bounds every transport step inside gloo, so an op abandoned
             # by Work.wait(timeout) also ends by itself and its worker thread is freed.
             pg_opts._timeout = timedelta(milliseconds=self._timeout_ms)
-            # Bind gloo to the node address Ray uses: hostname resolution can pick loopback.
+            # Bind gloo to the address chosen above: hostname resolution could pick any.
             pg_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self._pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, pg_opts)
             self._store = store
@@ -303,14 +306,14 @@ class CpuGlooGroup(BaseGroup):
         if self._strict:
             return self._strict_send(tensor, dst_rank)
         return self._issue(f"send to {self._ident.peer(dst_rank)}",
-                           lambda pg: pg.send([tensor], dst_rank, tag))
+                           lambda pg: pg.send([tensor], dst_rank, tag), point_to_point=True)
 
     def irecv(self, tensor: torch.Tensor, src_rank: int, tag: int = 0) -> CommHandle:
         self._check_peer(src_rank, "recv from")
         if self._strict:
             return self._strict_recv(tensor, src_rank)
         return self._issue(f"recv from {self._ident.peer(src_rank)}",
-                           lambda pg: pg.recv([tensor], src_rank, tag))
+                           lambda pg: pg.recv([tensor], src_rank, tag), point_to_point=True)
 
     # -- BaseGroup interface: ray.util.collective wraps tensors in lists ---------------------
 
@@ -354,7 +357,7 @@ class CpuGlooGroup(BaseGroup):
                              f"{self.rank} of {self.world_size}): not another member")
 
     def _issue(self, op: str, launch: Callable[[Any], Any],
-               finish: Optional[Callable[[], Any]] = None):
+               finish: Optional[Callable[[], Any]] = None, *, point_to_point: bool = False):
         if self._broken is not None:
             raise group_broken(self._ident, op, self._broken)
         pg = self._pg
@@ -362,12 +365,15 @@ class CpuGlooGroup(BaseGroup):
             self._ops += 1
             op = f"{op} (op #{self._ops})"
             _publish(f"{op} in group '{self.group_name}', waiting for every member")
-        try:
-            work = launch(pg)
-        except Exception as exc:  # noqa: BLE001 - bad arguments; the group stays usable
-            raise CommError(f"comm failure: {op} {self._ident.where()}: {exc}",
-                            group=self.group_name, rank=self.rank, worker=self._ident.worker,
-                            op=op) from exc
+        if point_to_point:
+            work = _launch_on_transport(launch, pg)
+        else:
+            try:
+                work = launch(pg)
+            except Exception as exc:  # noqa: BLE001 - bad arguments; the group stays usable
+                raise CommError(f"comm failure: {op} {self._ident.where()}: {exc}",
+                                group=self.group_name, rank=self.rank, worker=self._ident.worker,
+                                op=op) from exc
         handle = CommHandle(work, ident=self._ident, op=op, timeout_ms=self._timeout_ms,
                             on_failure=self._mark_broken, finish=finish)
         if not self._strict:
@@ -416,17 +422,20 @@ class CpuGlooGroup(BaseGroup):
         """One message of a strict send/recv with ``peer``, waited for at once."""
         if self._broken is not None:
             raise group_broken(self._ident, op, self._broken)
-        handle = CommHandle(launch(self._pg), ident=self._ident, op=op, timeout_ms=self._timeout_ms,
-                            on_failure=self._mark_broken)
+        handle = CommHandle(_launch_on_transport(launch, self._pg), ident=self._ident, op=op,
+                            timeout_ms=self._timeout_ms, on_failure=self._mark_broken)
         self._strict_wait(handle, waiting_for=[peer])
 
     def _strict_wait(self, handle: CommHandle, waiting_for) -> Any:
         """``handle.wait()``; past the timeout, a deadlock naming what each peer it waits for
-        is doing."""
+        is doing. gloo closes its connections on a timeout, so the peers of the member that
+        timed out first see them closed, a little before their own timeout: the member that
+        timed out says so in the group's store (``_DEADLOCK``), and a peer whose connection
+        closes reports the same deadlock when it finds that there within the timeout."""
         try:
             return handle.wait()
         except CommError as exc:
-            if not handle.timed_out:
+            if not handle.timed_out and not self._peer_saw_deadlock(waiting_for):
                 raise
             heads = "; ".join(f"{self._ident.peer(r)} is in {self._head_of(r)}"
                               for r in waiting_for if r != self.rank)
@@ -435,7 +444,27 @@ class CpuGlooGroup(BaseGroup):
                 f"{self._timeout_ms} ms in {handle.op} in group '{self.group_name}'; {heads}",
                 group=self.group_name, rank=self.rank, worker=self._ident.worker, op=handle.op)
             self._broken = error
+            if handle.timed_out and self._heads is not None:
+                try:
+                    self._heads.set(_DEADLOCK, str(self.rank))
+                except Exception:  # noqa: BLE001 - the report must not fail on a closing store
+                    pass
             raise error from exc
+
+    def _peer_saw_deadlock(self, peers) -> bool:
+        """Whether a member of ``peers`` reports a deadlock in this group's store within the
+        timeout (a connection it closed by timing out is not a crash)."""
+        if self._heads is None:
+            return False
+        deadline = time.monotonic() + self._timeout_ms / 1000
+        while time.monotonic() < deadline:
+            try:
+                if self._heads.check([_DEADLOCK]):
+                    return int(self._heads.get(_DEADLOCK).decode()) in set(peers)
+            except Exception:  # noqa: BLE001 - a dead member's store: no verdict
+                return False
+            time.sleep(0.02)
+        return False
 
     def _head_of(self, rank: int) -> str:
         key = str(rank)
@@ -466,6 +495,19 @@ _LOCAL_REDUCE = {
     dist.ReduceOp.MIN: lambda t: t.amin(dim=0),
     dist.ReduceOp.MAX: lambda t: t.amax(dim=0),
 }
+
+
+def _launch_on_transport(launch: Callable[[Any], Any], pg):
+    """``launch(pg)`` for a gloo send or recv, which touches the peer's connection at once: a
+    failure there is the peer's (a closed connection), not bad arguments, so it is deferred to
+    ``wait()`` and reported there like any transfer that broke."""
+    try:
+        return launch(pg)
+    except Exception as exc:  # noqa: BLE001 - reported by CommHandle.wait with the group named
+        return FailedLaunch(exc)
+
+
+_DEADLOCK = "deadlock"  # heads-store key: the rank that timed out in a strict op
 
 
 def _publish(head: str) -> None:

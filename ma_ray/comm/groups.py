@@ -8,8 +8,9 @@ a GPU and cupy is installed, else the CPU backend of `cpu_backend.py`.
 
 Blocking ops go through `ray.util.collective`'s public API. The non-blocking ones (`i*`) return
 a handle with `.wait()`; on the CPU backend they are truly asynchronous and `.wait()` is bounded
-by the group's timeout; on NCCL they run at call time (Ray's NCCL group queues the kernel on its
-own CUDA stream) and return a completed handle.
+by the group's timeout; on NCCL they are queued at call time (Ray's NCCL group queues the kernel on
+its own CUDA stream, and the host goes on) and `.wait()` makes torch's current stream wait for
+them on the device (`handles.QueuedHandle`), so compute posted between the two runs alongside.
 
 Groups that share members must be created in the same order by every member: creation blocks
 until all members arrive.
@@ -20,8 +21,11 @@ relies on the latter by accident: before an op, cupy's current stream is set to 
 stream, so the op waits for the torch work that produced its buffers; after it, torch's current
 stream waits on an event recorded on the legacy default stream, which every blocking stream's
 earlier work (the op) precedes, so the torch work that consumes the buffers waits for the op.
-Compute on streams with priorities then needs no host synchronisation to stay race-free. On CPU
-tensors it does nothing.
+For a non-blocking op that second half waits for its handle's `.wait()`. The event is recorded
+on the legacy default stream because Ray keeps its streams to itself; it fires once every
+earlier op on a blocking stream is done, a superset of the one op (correct, and it can only
+make a wait longer). Compute on streams with priorities then needs no host synchronisation to
+stay race-free. On CPU tensors it does nothing.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from typing import Any, List, Optional, Sequence
 import ray.util.collective as col
 from ray.util.collective.types import ReduceOp
 
-from ma_ray.comm.backend import NCCL_BACKEND, backend_for_device
+from ma_ray.comm.backend import backend_for_device
 from ma_ray.comm.cpu_backend import (BACKEND_NAME as CPU_BACKEND, DEFAULT_INIT_TIMEOUT_MS,
                                      DEFAULT_TIMEOUT_MS, CpuGlooGroup, GroupOptions,
                                      ensure_registered, stage_options, unstage_options)
-from ma_ray.comm.handles import CompletedHandle
+from ma_ray.comm.handles import CompletedHandle, QueuedHandle
 
 
 def _resolve_backend(backend: Optional[str]) -> str:
@@ -52,7 +56,8 @@ def _resolve_backend(backend: Optional[str]) -> str:
 def create_group(name: str, members: Sequence[str], rank: int, *,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS,
                  init_timeout_ms: int = DEFAULT_INIT_TIMEOUT_MS,
-                 backend: Optional[str] = None, generation: int = 0, strict: bool = False) -> str:
+                 backend: Optional[str] = None, generation: int = 0, strict: bool = False,
+                 listen_host: Optional[str] = None) -> str:
     """Join group `name` whose members are `members` (names by rank) as `members[rank]`.
 
     Blocks until every member has joined (at most `init_timeout_ms`). `timeout_ms` bounds every
@@ -61,7 +66,8 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
     whose lifetimes may overlap. `backend`: what `backend.backend_for_device` returned (NCCL or
     the CPU backend), "nccl", "cpu" / "gloo" (both mean this package's CPU backend), or None
     (comm.backend auto on this process's device). `strict`: the CPU backend's strict NCCL mode
-    (`cpu_backend`), for CPU groups. Returns the backend used.
+    (`cpu_backend`), for CPU groups. `listen_host`: where a CPU group listens
+    (`GroupOptions.listen_host`). Returns the backend used.
     """
     if not 0 <= rank < len(members):
         raise ValueError(f"group '{name}': rank {rank} outside {len(members)} members")
@@ -70,7 +76,7 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
         ensure_registered()
         stage_options(name, GroupOptions(timeout_ms=timeout_ms, init_timeout_ms=init_timeout_ms,
                                          members=tuple(members), generation=generation,
-                                         strict=strict))
+                                         strict=strict, listen_host=listen_host))
     try:
         col.init_collective_group(len(members), rank, backend=backend, group_name=name)
     finally:
@@ -143,28 +149,28 @@ def recv(tensor, src_rank: int, group: str) -> None:
 def iallreduce(tensor, group: str, op: ReduceOp = ReduceOp.SUM):
     g = _cpu(group)
     if g is None:
-        return _done(allreduce(tensor, group, op), "allreduce")
+        return _queued(lambda: col.allreduce(tensor, group_name=group, op=op), tensor, "allreduce")
     return g.iallreduce(tensor, op)
 
 
 def ibroadcast(tensor, src_rank: int, group: str):
     g = _cpu(group)
     if g is None:
-        return _done(broadcast(tensor, src_rank, group), "broadcast")
+        return _queued(lambda: col.broadcast(tensor, src_rank=src_rank, group_name=group), tensor, "broadcast")
     return g.ibroadcast(tensor, src_rank)
 
 
 def iallgather(outputs: List[Any], tensor, group: str):
     g = _cpu(group)
     if g is None:
-        return _done(allgather(outputs, tensor, group), "allgather")
+        return _queued(lambda: col.allgather(outputs, tensor, group_name=group), outputs, "allgather")
     return g.iallgather(outputs, tensor)
 
 
 def ireducescatter(output, inputs: List[Any], group: str, op: ReduceOp = ReduceOp.SUM):
     g = _cpu(group)
     if g is None:
-        return _done(reducescatter(output, inputs, group, op), "reducescatter")
+        return _queued(lambda: col.reducescatter(output, inputs, group_name=group, op=op), output, "reducescatter")
     return g.ireducescatter(output, inputs, op)
 
 
@@ -180,34 +186,65 @@ def isend(tensor, dst_rank: int, group: str, tag: int = 0):
     them in order and ignores it)."""
     g = _cpu(group)
     if g is None:
-        return _done(send(tensor, dst_rank, group), "send")
+        return _queued(lambda: col.send(tensor, dst_rank, group_name=group), tensor, "send")
     return g.isend(tensor, dst_rank, tag)
 
 
 def irecv(tensor, src_rank: int, group: str, tag: int = 0):
     g = _cpu(group)
     if g is None:
-        return _done(recv(tensor, src_rank, group), "recv")
+        return _queued(lambda: col.recv(tensor, src_rank, group_name=group), tensor, "recv")
     return g.irecv(tensor, src_rank, tag)
 
 
 @contextmanager
 def stream_ordered(tensor):
-    """Order an op on ``tensor`` (or a list of tensors) against torch's current CUDA stream, both
-    ways (see the module docstring); nothing for CPU tensors."""
-    first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
-    if not getattr(first, "is_cuda", False):
+    """Order a blocking op on ``tensor`` (or a list of tensors) against torch's current CUDA
+    stream, both ways (see the module docstring); nothing for CPU tensors."""
+    device = _cuda_device(tensor)
+    if device is None:
         yield
         return
+    with _after_torch_work(device):
+        yield
+    QueuedHandle(_op_done_event(device), device, "").wait()
+
+
+def _queued(run, tensor, op: str):
+    """Queue a non-blocking NCCL op (``run``) after the torch work that produced its buffers;
+    its consumers wait at the handle's ``wait()``."""
+    device = _cuda_device(tensor)
+    if device is None:
+        run()
+        return CompletedHandle(None, op)
+    with _after_torch_work(device):
+        run()
+    return QueuedHandle(_op_done_event(device), device, op, keep=tensor)
+
+
+def _cuda_device(tensor):
+    first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+    return first.device if getattr(first, "is_cuda", False) else None
+
+
+@contextmanager
+def _after_torch_work(device):
+    """Ray's NCCL ops issued inside make their stream wait for cupy's current stream: make that
+    torch's current stream."""
     import cupy
     import torch
 
-    current = torch.cuda.current_stream(first.device)
-    with cupy.cuda.ExternalStream(current.cuda_stream, first.device.index):
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index):
         yield
+
+
+def _op_done_event(device):
+    """An event that fires once the ops issued so far on Ray's (blocking) streams are done."""
+    import torch
+
     done = torch.cuda.Event()
-    done.record(torch.cuda.default_stream(first.device))
-    current.wait_event(done)
+    done.record(torch.cuda.default_stream(device))
+    return done
 
 
 def _cpu(group: str) -> Optional[CpuGlooGroup]:

@@ -1,9 +1,10 @@
-"""Handles of non-blocking operations: `.wait()` bounded by the group's timeout.
+"""Handles of non-blocking operations: on the CPU backend `.wait()` is bounded by the group's
+timeout; on NCCL it orders the device's compute after the op (`QueuedHandle`).
 
-A handle wraps a `torch.distributed` Work object. `wait()` never blocks longer than the per-op
-timeout (counted from the call to `wait`, so compute overlapped with the transfer does not eat
-into it), turns any failure into a `CommError` that names the group, the worker and the op, and
-runs an optional `finish` step (e.g. slicing padded buffers) whose value it returns.
+`CommHandle` wraps a `torch.distributed` Work object. Its `wait()` never blocks longer than the
+per-op timeout (counted from the call to `wait`, so compute overlapped with the transfer does not
+eat into it), turns any failure into a `CommError` that names the group, the worker and the op,
+and runs an optional `finish` step (e.g. slicing padded buffers) whose value it returns.
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ class CommHandle:
         return self._value
 
 
+class FailedLaunch:
+    """The Work of a point-to-point op whose launch already failed: gloo's send and recv touch
+    the peer's connection at once, so a dead peer can fail them before there is any Work.
+    Handing the failure to `CommHandle` as a Work lets it be reported like one that surfaced in
+    ``wait()``: named, and breaking the group."""
+
+    def __init__(self, cause: BaseException):
+        self._cause = cause
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self, timeout=None):
+        raise self._cause
+
+
 class CompletedHandle:
     """A handle for an operation that already ran to completion (backends without async ops)."""
 
@@ -75,6 +92,27 @@ class CompletedHandle:
 
     def wait(self) -> Any:
         return self._value
+
+
+class QueuedHandle:
+    """An NCCL op queued on Ray's stream: ``wait()`` makes torch's current stream wait on the
+    device for ``done`` (an event after the op), without blocking the host. ``keep`` holds the
+    op's tensors until then, so Python cannot free a buffer the op still uses."""
+
+    def __init__(self, done, device, op: str, keep: Any = None):
+        self._done_event = done
+        self._device = device
+        self.op = op
+        self._keep = keep
+
+    def is_completed(self) -> bool:
+        return self._done_event.query()
+
+    def wait(self) -> None:
+        import torch
+
+        torch.cuda.current_stream(self._device).wait_event(self._done_event)
+        self._keep = None
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -1,9 +1,11 @@
 """Rendezvous of a CPU group: rank 0 serves a TCPStore, the other ranks find it through Ray.
 
 Rank 0 opens a `torch.distributed.TCPStore` on a port the OS picks (no fixed ports: several
-groups live in one process, and several jobs on one node), on this node's address (loopback would
-not be reachable from other nodes), and publishes `host:port` in Ray's internal KV. The other
-ranks poll the KV and connect. The store then only serves the process group's own handshake.
+groups live in one process, and several jobs on one node), listening on this node's Ray address
+only (loopback would not be reachable from other nodes; on an emulated cluster, whose members
+all run on this machine, the caller passes loopback), and publishes `host:port` in Ray's
+internal KV. TCPStore itself would listen on every interface, so rank 0 binds the socket and
+hands it over (`master_listen_fd`). The other ranks poll the KV and connect. The store then only serves the process group's own handshake.
 
 The KV key is scoped by job, group name and a digest of the membership and generation, so a
 group re-created with other members never reads the address of an earlier incarnation; rank 0
@@ -14,6 +16,7 @@ store until every member arrived, so that only the rendezvous timeout governs la
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from datetime import timedelta
 from typing import Optional, Sequence
@@ -36,15 +39,16 @@ def rendezvous_key(group_name: str, world_size: int, members: Optional[Sequence[
 
 
 def open_store(key: str, rank: int, world_size: int, deadline: float,
-               group_name: str) -> dist.Store:
-    """This rank's handle on the group's store; rank 0 serves it. Bounded by `deadline`
-    (a time.monotonic() value); raises TimeoutError naming the group when it passes."""
+               group_name: str, host: str) -> dist.Store:
+    """This rank's handle on the group's store; rank 0 serves it on `host` only. Bounded by
+    `deadline` (a time.monotonic() value); raises TimeoutError naming the group when it passes."""
     if rank == 0:
-        host = ray.util.get_node_ip_address()
+        listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         # wait_for_workers=False: the workers can only connect once the address is published,
-        # which happens after this constructor returns.
-        store = dist.TCPStore(host, 0, world_size, is_master=True,
-                              timeout=_remaining(deadline), wait_for_workers=False)
+        # which happens after this constructor returns. The store owns the socket from here on.
+        store = dist.TCPStore(host, listener.getsockname()[1], world_size, is_master=True,
+                              timeout=_remaining(deadline), wait_for_workers=False,
+                              master_listen_fd=listener.detach())
         internal_kv._internal_kv_put(key, f"{host}:{store.port}", overwrite=True,
                                      namespace=KV_NAMESPACE)
         return store

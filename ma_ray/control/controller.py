@@ -16,18 +16,27 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import ray
 from ray.util import metrics as ray_metrics
 
 from ma_ray.config import Config, check_split
+from ma_ray.control.client import controller_name, incarnation_name
+from ma_ray.control.elastic import shrunk
+from ma_ray.control.faults import Failure, NonFiniteStep, step_deadline_s
+from ma_ray.control.metrics_log import GROW_EVENT, MetricsLog
 from ma_ray.control.migration_cost import MigrationCostModel
 from ma_ray.control.policy import IDLE, BalancingPolicy, Decision
 from ma_ray.control.predictor import PredictionError, StageTimePredictor
+from ma_ray.parallel.step_time import PipelineShape, step_time_s
+from ma_ray.run_folder import new_job_id
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.checkpoint import StorageError, latest_intact
+from ma_ray.runtime.cluster import ClusterError
+from ma_ray.runtime.job import CLOSE_TIMEOUT_S, TrainingJob
 from ma_ray.runtime.step_metrics import StepMetrics
+from ma_ray.runtime.worker_group import WorkerCallFailed
 
 
 @dataclass(frozen=True)
@@ -56,17 +65,17 @@ class HistoryRow:
 class _Gauges:
     """Per-step metrics for the Ray dashboard and Prometheus."""
 
-    def __init__(self, job_name: str):
-        tags = {"job": job_name}
+    def __init__(self, job_id: str):
+        tags = {"job_id": job_id}
         self.stage = ray_metrics.Gauge("ma_ray_stage_time_seconds", "measured stage time of a pool",
-                                       tag_keys=("job", "pool"))
-        self.imbalance = ray_metrics.Gauge("ma_ray_imbalance", "|T_a - T_m| / max(T_a, T_m)", tag_keys=("job",))
+                                       tag_keys=("job_id", "pool"))
+        self.imbalance = ray_metrics.Gauge("ma_ray_imbalance", "|T_a - T_m| / max(T_a, T_m)", tag_keys=("job_id",))
         self.attention_gpus = ray_metrics.Gauge("ma_ray_attention_gpus", "GPUs in the attention pool",
-                                                tag_keys=("job",))
-        self.loss = ray_metrics.Gauge("ma_ray_loss", "training loss", tag_keys=("job",))
+                                                tag_keys=("job_id",))
+        self.loss = ray_metrics.Gauge("ma_ray_loss", "training loss", tag_keys=("job_id",))
         self.overlap = ray_metrics.Gauge("ma_ray_overlap_efficiency",
                                          "share of the lighter pool's compute hidden under the heavier's",
-                                         tag_keys=("job",))
+                                         tag_keys=("job_id",))
         for g in (self.stage, self.imbalance, self.attention_gpus, self.loss, self.overlap):
             g.set_default_tags(tags)
 
@@ -82,9 +91,21 @@ class _Gauges:
 @ray.remote(max_concurrency=8, num_cpus=0)
 class Controller:
     def __init__(self, cfg: Config, dataset, out: str, steps: int, resume: Optional[str] = None,
-                 attention_gpus: Optional[int] = None, torch_threads: Optional[int] = None):
-        self.cfg = cfg
+                 attention_gpus: Optional[int] = None, torch_threads: Optional[int] = None,
+                 job_id: Optional[str] = None, recovering: Optional[dict] = None,
+                 earlier_failures: Sequence[dict] = (), incarnation: int = 0):
+        """``resume``: the checkpoint folder to continue from, verified (``checkpoint.verify``) by
+        the caller; ``job_id``: the run's (``run_folder.new_job_id``), in this actor's name and its
+        gauges' tags; ``recovering``: the failure of the controller this one replaces
+        (``Failure.to_dict``), recorded as recovered from once this one's workers are ready;
+        ``earlier_failures``: those of the run before it, which count against
+        ``train.max_failures``; ``incarnation``: how many controllers of the run died before
+        this one (its workers' groups get names none of theirs had)."""
+        self.cfg = self.full_cfg = cfg  # cfg: the topology run now (smaller after an elastic restart)
+        self.job_id = job_id or new_job_id()
+        self.name = controller_name(cfg.control.name, self.job_id)
         self.out = Path(out)
+        self.dataset, self.torch_threads = dataset, torch_threads
         self.lock = threading.Lock()
         self.unpaused = threading.Event()
         self.unpaused.set()
@@ -96,25 +117,46 @@ class Controller:
         self.policy = BalancingPolicy.from_config(cfg)
         self.migration_cost = MigrationCostModel(cfg)
         self.window: List[tuple] = []  # (T_a, T_m) measured since the last decision
-        self.start_step = 0
-        folder = None
-        if resume is not None:
-            folder = checkpoint.latest(Path(resume))
-            meta = checkpoint.read_meta(folder)
-            self.start_step = meta["step"] + 1
-            self.predictor.load_state_dict(meta["predictor"])
-            self.policy.load_state_dict(meta["policy"])
-            self.migration_cost.load_state_dict(meta["migration_cost"])
-            if attention_gpus is None:
-                attention_gpus = meta["attention_gpus"]
+        self.checkpoints = self.out / "checkpoints"
+        checkpoint.clean_orphans(self.checkpoints)  # what saves cut short by a crash left behind
+        folder = None if resume is None else Path(resume)  # a verified checkpoint (the driver chose it)
+        if folder is not None:
+            attention_gpus = self._restore(folder, attention_gpus)
+        self.start_step = 0 if folder is None else checkpoint.read_meta(folder)["step"] + 1
+        self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics_log.rewind(self.start_step - 1)  # the steps past the checkpoint are trained again
+        self.failures = [Failure(**row) for row in earlier_failures]
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
-        self.job = TrainingJob(cfg, dataset, attention_gpus, name=cfg.control.name, torch_threads=torch_threads,
-                               checkpoint=None if folder is None else str(folder))
-        self.gauges = _Gauges(self.job.name)
+        self.next_boundary = self.start_step  # the step before which the run thread next reads requests
+        # The job's collective groups are named after it too: two jobs on one cluster share none,
+        # nor two incarnations of one.
+        self.job_name = incarnation_name(self.name, incarnation)
+        self.job = self._restart(attention_gpus, folder, generation=0)
+        shrank = self.job.cfg.total_gpus != cfg.total_gpus
+        if shrank:
+            self._adopt(self.job.cfg)
+        self.measured_from = 0  # the first history row measured on the current workers and split
+        if recovering is not None:
+            failure = Failure(**recovering)
+            if shrank:  # the node that held the dead controller may be gone with it
+                failure.notes.append(self._shrunk_note(self.job))
+            failure.recovered(self.start_step - 1, time.time() - recovering["detected_at"])
+            self.failures.append(failure)
+            self.metrics_log.append(failure.to_dict())
+        self.gauges = _Gauges(self.job_id)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_length
         self.state = "ready"
         self.step = self.start_step - 1
         self.last_checkpoint: Optional[str] = None if folder is None else str(folder)
+
+    def _restore(self, folder: Path, attention_gpus: Optional[int]) -> int:
+        """Take the controller's state from checkpoint ``folder``; returns the split to run
+        (``attention_gpus``, or the checkpoint's)."""
+        meta = checkpoint.read_meta(folder)
+        self.predictor.load_state_dict(meta["predictor"])
+        self.policy.load_state_dict(meta["policy"])
+        self.migration_cost.load_state_dict(meta["migration_cost"])
+        return meta["attention_gpus"] if attention_gpus is None else attention_gpus
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -122,27 +164,131 @@ class Controller:
         """Train until the last step or a stop; returns the final status."""
         self.state = "running"
         try:
-            for step in range(self.start_step, self.end_step):
+            step = self.start_step
+            while step < self.end_step:
                 self.unpaused.wait()
-                if self._apply_requests(step):
-                    break
-                t0 = time.perf_counter()
-                metrics = self.job.step(step)
-                self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
+                started, deadline_s = time.time(), None
+                try:
+                    if self._apply_requests(step):
+                        break
+                    t0 = time.perf_counter()
+                    deadline_s = self._step_deadline_s()
+                    metrics = self.job.step(step, timeout_s=deadline_s)
+                    deadline_s = None  # what may fail next (a save, a move) has its own bound
+                    self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
+                    if metrics.skipped and self.cfg.train.on_nonfinite == "stop":
+                        raise NonFiniteStep(f"step {step}: the loss is {metrics.loss} and the gradient norm "
+                                            f"{metrics.grad_norm}; the step was not applied and the run stops "
+                                            f"(train.on_nonfinite=stop)")
+                    step += 1
+                except WorkerCallFailed as exc:
+                    if _storage_only(exc):
+                        raise  # a full disk or a read-only folder: a restart would fail the same way
+                    failure = Failure(step, exc.operation, exc.failures, time.time(), started, deadline_s)
+                    step = self._recover(failure, exc)
             self._checkpoint(self.step)
             self.state = "stopped" if self.stop_requested else "finished"
         except BaseException:
             self.state = "failed"
             raise
         finally:
-            self.job.shutdown()
+            # After a failure the groups may be broken and a worker stalled: kill, do not wait.
+            self.job.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
         return self.status()
+
+    def _step_deadline_s(self) -> float:
+        """How long the next step may take before it counts as stalled (``faults``)."""
+        k = self.job.plan.attention_gpus
+        with self.lock:
+            recent = [r.metrics.step_time_s for r in self.history[self.measured_from:]
+                      if r.metrics.attention_gpus == k]
+        predicted = self.predictor.predict(k)
+        predicted_s = step_time_s(predicted.t_attention_s, predicted.t_moe_s, PipelineShape.from_config(self.cfg))
+        return step_deadline_s(predicted_s, recent, self.cfg.comm.synchronization_timeout_ms,
+                               self.cfg.control.worker_timeout_s)
+
+    def _recover(self, failure: Failure, exc: WorkerCallFailed) -> int:
+        """Restart every worker from the latest checkpoint after ``failure``, or raise ``exc``
+        once ``train.max_failures`` are used up; returns the step to go on with. Each failure is
+        recorded (a row of ``metrics.jsonl``, and what ``failures_since`` returns); a restart
+        that fails is one more."""
+        budget = self.cfg.train.max_failures
+        generation = self.job.generation
+        t0 = time.perf_counter()
+        while True:
+            with self.lock:
+                self.failures.append(failure)
+            if len(self.failures) > budget:
+                self.metrics_log.append(failure.to_dict())
+                if budget:
+                    raise WorkerCallFailed(f"{exc} (failure {len(self.failures)}, more than "
+                                           f"train.max_failures={budget})", exc.operation, exc.failures) from None
+                raise exc
+            self.job.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
+            folder = latest_intact(self.checkpoints, warn=failure.notes.append)
+            k = self.job.plan.attention_gpus if folder is None else self._restore(folder, None)
+            generation += 1  # past every generation the old workers used: no group name is taken twice
+            try:
+                job = self._restart(k, folder, generation)
+            except (WorkerCallFailed, ClusterError) as again:
+                exc = again if isinstance(again, WorkerCallFailed) else WorkerCallFailed(
+                    str(again), "recovery", {"cluster": str(again)})
+                failure = Failure(failure.failed_step, exc.operation, exc.failures, time.time())
+                continue
+            break
+        resumed = -1 if folder is None else checkpoint.read_meta(folder)["step"]
+        if job.cfg.total_gpus != self.cfg.total_gpus:
+            shrank = job.cfg.total_gpus != self.full_cfg.total_gpus
+            self._adopt(job.cfg if shrank else self.full_cfg)
+            if shrank:
+                failure.notes.append(self._shrunk_note(job))
+        failure.recovered(resumed, time.perf_counter() - t0)
+        self.metrics_log.rewind(resumed)
+        self.metrics_log.append(failure.to_dict())
+        with self.lock:
+            self.job = job
+            self.history = [r for r in self.history if r.step <= resumed]
+            self.measured_from = len(self.history)
+            self.window.clear()
+            self.step = resumed
+            self.last_checkpoint = None if folder is None else str(folder)
+        return resumed + 1
+
+    def _shrunk_note(self, job: TrainingJob) -> str:
+        return (f"going on with {job.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
+                f"{job.plan.attention_gpus} attention GPUs (train.elastic)")
+
+    def _restart(self, k: int, folder: Optional[Path], generation: int) -> TrainingJob:
+        """New workers from ``folder`` on the run's full topology at ``k`` attention GPUs; with
+        ``train.elastic``, when the cluster cannot hold it, on the nodes that are left
+        (``elastic.shrunk``: the predictor picks the split)."""
+        start = dict(dataset=self.dataset, name=self.job_name, torch_threads=self.torch_threads,
+                     checkpoint=None if folder is None else str(folder), generation=generation)
+        full = self.full_cfg
+        try:
+            same_nodes = self.cfg.cluster.num_nodes == full.cluster.num_nodes
+            return TrainingJob(full, attention_gpus=k if same_nodes else None, **start)
+        except ClusterError:
+            smaller = shrunk(full, _nodes_holding(full.cluster.gpus_per_node)) if full.train.elastic else None
+            if smaller is None:
+                raise
+            return TrainingJob(smaller, attention_gpus=smaller.cluster.attention_gpus, **start)
+
+    def _adopt(self, cfg: Config) -> None:
+        """Run on ``cfg``'s topology from now on: the time model and the policy start afresh, as
+        what they learnt was of another cluster."""
+        with self.lock:
+            self.cfg = cfg
+            self.predictor = StageTimePredictor(cfg)
+            self.policy = BalancingPolicy.from_config(cfg)
+            self.migration_cost = MigrationCostModel(cfg)
 
     def _apply_requests(self, step: int) -> bool:
         """Between steps: carry out a queued rebalance; True when a stop was asked for."""
         with self.lock:
             target, self.pending_split = self.pending_split, None
             stop = self.stop_requested
+            self.next_boundary = step + 1  # a request from now on waits for the next boundary
         if stop:
             return True
         if target is not None and target != self.job.plan.attention_gpus:
@@ -152,6 +298,8 @@ class Controller:
     def _migrate(self, step: int, k: int, reason: str) -> None:
         before = self.job.plan.attention_gpus
         result = self.job.apply_split(k)
+        with self.lock:
+            self.measured_from = len(self.history)  # the new split's steps are measured afresh
         record = {"before_step": step, "from": before, "to": k, "reason": reason, **result}
         with self.lock:
             self.migrations.append(record)
@@ -170,21 +318,53 @@ class Controller:
         taken = decision.reason not in IDLE
         if taken:
             self.window.clear()
+        row = HistoryRow(step, metrics, seen, decision if taken else None)
+        self.metrics_log.append(row.to_dict())
         with self.lock:
-            self.history.append(HistoryRow(step, metrics, seen, decision if taken else None))
+            self.history.append(row)
             self.step = step
         self.gauges.record(metrics)
         if (step + 1) % self.cfg.train.checkpoint_interval == 0:
             self._checkpoint(step)
+            full = self.full_cfg.cluster
+            if step + 1 < self.end_step and self.cfg.cluster.num_nodes < full.num_nodes and \
+                    _nodes_holding(full.gpus_per_node) >= full.num_nodes:
+                self._grow_back(step)
+                return  # the decision was for the smaller cluster
         if decision.move:
             self._migrate(step + 1, decision.new_k, reason=decision.detail)
+
+    def _grow_back(self, step: int) -> None:
+        """After an elastic restart, once the cluster holds the run's whole topology again: new
+        workers on all of it from the checkpoint just written, at the configured split. Recorded
+        as a migration and a ``grow`` row of ``metrics.jsonl``. A restart that fails here is a
+        failure like any other (``_recover``), whose restart takes what the cluster holds."""
+        t0 = time.perf_counter()
+        before, old = self.job.plan.attention_gpus, self.job
+        old.shutdown()
+        try:
+            job = self._restart(before, Path(self.last_checkpoint), old.generation + 1)
+        except ClusterError as exc:  # not even the smaller cluster could be reserved again
+            raise WorkerCallFailed(str(exc), "grow back", {"cluster": str(exc)}) from None
+        if job.cfg.total_gpus == self.full_cfg.total_gpus:
+            self._adopt(self.full_cfg)
+        record = {"before_step": step + 1, "from": before, "to": job.plan.attention_gpus,
+                  "reason": f"the cluster holds {job.cfg.cluster.num_nodes} nodes again (train.elastic)",
+                  "pause_s": time.perf_counter() - t0}
+        self.metrics_log.append({"event": GROW_EVENT, "nodes": job.cfg.cluster.num_nodes, **record})
+        with self.lock:
+            self.job = job
+            self.migrations.append(record)
+            self.measured_from = len(self.history)
+            self.window.clear()
 
     def _checkpoint(self, step: int) -> None:
         if step < 0 or (self.last_checkpoint or "").endswith(f"step-{step:08d}"):
             return
-        folder = checkpoint.save(self.job, self.out / "checkpoints", step,
+        folder = checkpoint.save(self.job, self.checkpoints, step,
                                  {"predictor": self.predictor.state_dict(), "policy": self.policy.state_dict(),
-                                  "migration_cost": self.migration_cost.state_dict()})
+                                  "migration_cost": self.migration_cost.state_dict()},
+                                 keep=self.cfg.train.keep_checkpoints)
         with self.lock:
             self.last_checkpoint = str(folder)
 
@@ -207,6 +387,8 @@ class Controller:
                 "pending_split": self.pending_split, "policy": self.policy.params.to_dict(),
                 "predictor_error": self.predictor.error_report(), "migrations": list(self.migrations),
                 "last_checkpoint": self.last_checkpoint,
+                "failures": [f.to_dict() for f in self.failures],
+                "skipped_steps": sum(1 for r in self.history if r.metrics.skipped),
             }
 
     def rows_since(self, step: int = -1, n: Optional[int] = None) -> List[HistoryRow]:
@@ -219,16 +401,25 @@ class Controller:
         """``rows_since`` as plain rows (``HistoryRow.to_dict``): what a client gets."""
         return [r.to_dict() for r in self.rows_since(step, n)]
 
+    def failures_since(self, n: int = 0) -> List[dict]:
+        """The run's failures after the first ``n`` (``faults.Failure.to_dict``), recovered from
+        or not."""
+        with self.lock:
+            return [f.to_dict() for f in self.failures[n:]]
+
     def rebalance(self, attention_gpus: int) -> dict:
-        """Queue a move to ``attention_gpus``; it happens before the next step. Bad splits raise
-        ConfigError and change nothing."""
+        """Queue a move to ``attention_gpus``; it happens before the next step to start, whose
+        number the reply gives (``before_step``: the first step on the new split). Bad splits
+        raise ConfigError and change nothing."""
         with self.lock:
             p = self.policy.params
             policy_range = (p.min_attention_gpus, p.max_attention_gpus)  # the live policy's, not the config's
         check_split(self.cfg, attention_gpus, key="rebalance", policy_range=policy_range)
         with self.lock:
             self.pending_split = attention_gpus
-        return {"scheduled": attention_gpus, "after_step": self.step}
+            # Read under the lock the run thread takes requests under: the step in progress, if
+            # any, runs on the old split, and the move comes before the next one to start.
+            return {"scheduled": attention_gpus, "before_step": self.next_boundary}
 
     def set_policy(self, **changes) -> dict:
         """Change balancing parameters (threshold, interval, min, max, enabled, ...); a bad value
@@ -251,8 +442,23 @@ class Controller:
         self.unpaused.set()
         return "stopping"
 
+    def job_identity(self) -> dict:
+        """Which job this is: what a client checks before it steers it."""
+        return {"job_id": self.job_id, "name": self.name, "namespace": self.cfg.control.namespace,
+                "out": str(self.out), "step": self.step, "state": self.state}
+
     def ping(self) -> float:
         return time.time()
+
+
+def _storage_only(exc: WorkerCallFailed) -> bool:
+    """Whether every worker that failed could not write (``StorageError``)."""
+    return bool(exc.failures) and all(why.startswith(f"{StorageError.__name__}:") for why in exc.failures.values())
+
+
+def _nodes_holding(gpus: int) -> int:
+    """Live nodes of the cluster with at least ``gpus`` GPUs."""
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) >= gpus)
 
 
 def _mean(rows: List[tuple]) -> Optional[tuple]:

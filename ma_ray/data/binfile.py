@@ -1,4 +1,5 @@
-"""Token files in the common ``.bin`` layout: a flat array of uint16 token ids, no header.
+"""Token files in the common ``.bin`` layout: a flat array of little-endian uint16 token ids, no
+header.
 
 This is the nanoGPT / Megatron-style "train.bin" layout (``np.memmap(path, np.uint16)``), so
 files prepared by those tools load as-is. Files are opened as read-only memmaps and never read
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import DataError
 
-BIN_DTYPE = np.dtype(np.uint16)
+BIN_DTYPE = np.dtype("<u2")  # little-endian uint16 on every host, as the layout is defined
 # 8 Mi tokens = 16 MiB per chunk: big enough that numpy's max is bandwidth-bound, small enough
 # that scanning a multi-GB file never holds more than this in memory.
 _SCAN_CHUNK = 8 * 1024 * 1024

@@ -4,7 +4,7 @@ each GPU needs, and the seed's stage-time model.
 
 Modules: ``shares`` (balanced contiguous partition), ``placement`` (the plan), ``diff`` (plan to
 plan), ``memory`` (per-GPU estimate), ``time_model`` (predicted stage times), ``report`` (what
-``ma-ray plan`` prints).
+``ma-ray plan`` prints), ``search`` (the layouts ``ma-ray plan --search`` scores).
 """
 
 from ma_ray.parallel.diff import Move, PlanDiff, Renumbering, RoleChange, diff_plans

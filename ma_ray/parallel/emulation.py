@@ -17,7 +17,8 @@ Transfers: a message standing for ``n`` bytes at the configured shapes takes ``n
 on the link between its two GPUs (NVLink within a node, the network between nodes); a worker
 receives its messages one after another (one inbound link per GPU). Collectives over the attention
 pool are rings: an all-gather or reduce-scatter moves ``(k - 1) / k`` of the full tensor over
-each GPU's link, an all-reduce twice that, at the slowest link the ring crosses.
+each GPU's link, an all-reduce twice that, at the slowest link the ring crosses; in two levels
+(``comm.hierarchical_allreduce``), each level at its own link's speed (``parallel.hierarchy``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import yaml
 
 from ma_ray.config import Config, ConfigError
-from ma_ray.parallel.memory import attention_replicated_params, precision_of, tokens_per_micro_batch
+from ma_ray.parallel.hierarchy import TwoLevelLayout, flat_ring_s, two_level_s
+from ma_ray.parallel.memory import (attention_replicated_params, head_params, moe_gpu_params, precision_of,
+                                    tokens_per_micro_batch)
+from ma_ray.parallel.placement import replicate
 from ma_ray.parallel.workload import Workload
 
 
@@ -90,8 +94,12 @@ class StageDurations:
     hidden_size: int
     activation_bytes: int
     replicated_grad_bytes: int  # the attention side's replicated gradients, all-reduced each step
+    grad_bytes: int  # bytes of one gradient entry
+    head_grad_bytes: int  # the gradients of one head in every layer
+    expert_grad_bytes: int  # the same of one expert
     intra_node_bytes_per_s: float
     inter_node_bytes_per_s: float
+    compression_bytes_per_s: float  # the GPU's compress + decode throughput, bytes of gradient input
 
     # -- compute ------------------------------------------------------------------------------
 
@@ -117,11 +125,94 @@ class StageDurations:
         """Bytes at the configured shapes of ``stand_in_rows`` stand-in activation rows."""
         return stand_in_rows * self.token_scale * self.hidden_size * self.activation_bytes
 
-    def ring_s(self, full_bytes: float, members: int, same_node: bool) -> float:
-        """An all-gather or reduce-scatter of a ``full_bytes`` tensor over a ring of ``members``."""
-        if members <= 1:
+    def pool_collective_s(self, plan, full_bytes: float, all_reduce: bool, hierarchical: bool,
+                          slice_sizes: Optional[Sequence[int]] = None,
+                          cross_factor: Optional[Callable[[int], float]] = None) -> float:
+        """One of the attention pool's collectives of a ``full_bytes`` tensor: an all-gather or
+        reduce-scatter of token slices (``slice_sizes``: the pool's, by rank), or an all-reduce
+        of a flat vector; in one ring, or in two levels, each at its own link's speed
+        (``parallel.hierarchy``, whose docstring has the formulas; ``cross_factor``: the bytes a
+        compressed cross-node level sends per byte of a piece)."""
+        pool = plan.attention_workers()
+        if not hierarchical:
+            one_node = len({g.node for g in pool}) == 1
+            return flat_ring_s(full_bytes, len(pool), all_reduce, self.bandwidth(one_node))
+        layout = TwoLevelLayout.of_plan(plan)
+        shares = (layout.token_piece_shares(slice_sizes) if slice_sizes is not None
+                  else [1.0 / layout.pieces] * layout.pieces)
+        return sum(two_level_s(layout, full_bytes, shares, all_reduce, self.intra_node_bytes_per_s,
+                               self.inter_node_bytes_per_s, cross_factor).values())
+
+    def compression_s(self, input_bytes: float) -> float:
+        """Compressing and decoding ``input_bytes`` of gradients on the GPU."""
+        return input_bytes / self.compression_bytes_per_s
+
+    def replicated_allreduce_s(self, plan, hierarchical: bool, wire_factor: Callable[[int, int, int], float],
+                               compresses: bool, held_pieces: int = 1) -> Tuple[float, float]:
+        """(seconds, of which compression kernels) of the replicated gradients' all-reduce: its
+        cross-node level sends ``wire_factor(members, piece_numel, element_bytes)`` bytes per
+        byte of a piece (``comm.cross_node``), and a GPU holding ``held_pieces`` pieces runs
+        the kernels on them."""
+        pieces = TwoLevelLayout.of_plan(plan).pieces if hierarchical else 1
+        element = max(1, self.grad_bytes)
+        piece_numel = int(self.replicated_grad_bytes / element / pieces)
+        kernels = self.compression_s(self.replicated_grad_bytes * held_pieces / pieces) if compresses else 0.0
+        return kernels + self.pool_collective_s(
+            plan, self.replicated_grad_bytes, True, hierarchical,
+            cross_factor=lambda members: wire_factor(members, piece_numel, element)), kernels
+
+    def moe_inbound_s(self, plan, rows: float) -> float:
+        """Seconds of one transfer between the pools, ``T_c`` of the pipeline model
+        (``parallel.step_time``): the busiest MoE GPU receives ``rows`` rows (configured scale),
+        an equal share from every attention GPU, one message after another on its one inbound
+        link, each at the speed of the link between the two GPUs (a uniform router)."""
+        pool = plan.attention_workers()
+        per_source = rows / len(pool) * self.hidden_size * self.activation_bytes
+        return max(sum(per_source / self.bandwidth(a.node == m.node) for a in pool) for m in plan.moe_workers())
+
+    def replicas_allreduce_s(self, plan, replicas: int, hierarchical: bool,
+                             wire_factor: Callable[[int, int, int], float], compresses: bool,
+                             attention_shard_bytes: float, moe_shard_bytes: float,
+                             shard_wire_factor: Optional[Callable[[int, int, int], float]] = None
+                             ) -> Tuple[float, float]:
+        """(seconds, of which compression kernels) of a step's gradient synchronisation when
+        ``replicas`` data-parallel copies of ``plan`` (``placement.replicate``) each run part of
+        the step's micro-batches: every gradient is summed with its counterparts in the other
+        copies, through the same path as one copy's replicated gradients.
+
+        * The attention side's replicated gradients: one all-reduce over the attention GPUs of
+          all copies (``replicated_allreduce_s`` of the replicated plan): in two levels, each node
+          reduces first and only its pieces cross nodes, ``replicas x num_nodes`` members.
+        * The sharded gradients (a GPU's heads' or experts' slices, ``*_shard_bytes`` of the
+          busiest GPU of each pool): each GPU with its ``replicas - 1`` counterparts, all on
+          other nodes (``counterparts_allreduce_s``, with ``shard_wire_factor``: dense without).
+
+        The pools synchronise at once, each GPU on its own link; an attention GPU runs its two
+        all-reduces one after the other. At one copy this is ``replicated_allreduce_s``."""
+        union = replicate(plan, replicas)
+        layout = TwoLevelLayout.of_plan(union)
+        held = max(len(layout.pieces_of(r)) for ranks in layout.nodes for r in ranks) if hierarchical else 1
+        replicated, kernels = self.replicated_allreduce_s(union, hierarchical, wire_factor, compresses, held)
+
+        attention_shard = self.counterparts_allreduce_s(replicas, attention_shard_bytes, shard_wire_factor)
+        moe_shard = self.counterparts_allreduce_s(replicas, moe_shard_bytes, shard_wire_factor)
+        if replicated + attention_shard >= moe_shard:
+            return replicated + attention_shard, kernels
+        return moe_shard, 0.0
+
+    def counterparts_allreduce_s(self, replicas: int, full_bytes: float,
+                                 wire_factor: Optional[Callable[[int, int, int], float]] = None) -> float:
+        """Seconds of one GPU's sharded gradients (``full_bytes``) summed with its ``replicas - 1``
+        counterparts, all on other nodes, at the network's speed: ``wire_factor(replicas, ...)``
+        bytes per byte (a stateless reducer's, ``comm.cross_node``: the runtime's
+        ``Links.counterpart_reducer``), a dense ring's without one. No kernels to model: a
+        stateless reducer runs none."""
+        if replicas <= 1 or full_bytes <= 0:
             return 0.0
-        return full_bytes * (members - 1) / members / self.bandwidth(same_node)
+        if wire_factor is None:
+            return flat_ring_s(full_bytes, replicas, True, self.inter_node_bytes_per_s)
+        element = max(1, self.grad_bytes)
+        return wire_factor(replicas, int(full_bytes / element), element) * full_bytes / self.inter_node_bytes_per_s
 
     def describe(self) -> dict:
         (a0, a1, a2), (m0, m1, m2) = self.coefficients
@@ -139,8 +230,9 @@ def no_durations(cfg: Config) -> StageDurations:
     return StageDurations(
         attention_terms=(0.0, 0.0, 0.0), moe_terms=(0.0, 0.0, 0.0), reference=(1, 1, 1, 1.0),
         coefficients=([0.0] * 3, [0.0] * 3), source="computed for real", token_scale=1.0,
-        hidden_size=cfg.model.hidden_size, activation_bytes=0, replicated_grad_bytes=0,
-        intra_node_bytes_per_s=math.inf, inter_node_bytes_per_s=math.inf)
+        hidden_size=cfg.model.hidden_size, activation_bytes=0, replicated_grad_bytes=0, grad_bytes=0,
+        head_grad_bytes=0, expert_grad_bytes=0,
+        intra_node_bytes_per_s=math.inf, inter_node_bytes_per_s=math.inf, compression_bytes_per_s=math.inf)
 
 
 def compute_setup(cfg: Config) -> Tuple[Config, StageDurations]:
@@ -163,7 +255,7 @@ def stage_durations(cfg: Config) -> StageDurations:
         source = "balance.attn_time_coef / balance.moe_time_coef"
     work = Workload(cfg)
     (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.seed_prior()
-    ref = work.shape(work.reference_k)
+    ref = work.reference_shape
     precision = precision_of(cfg)
     stand_in_tokens = e.stand_in_seq_length * e.stand_in_micro_batch_size
     return StageDurations(
@@ -172,5 +264,8 @@ def stage_durations(cfg: Config) -> StageDurations:
         coefficients=(list(cfg.balance.attn_time_coef), list(cfg.balance.moe_time_coef)), source=source,
         token_scale=tokens_per_micro_batch(cfg) / stand_in_tokens, hidden_size=cfg.model.hidden_size,
         activation_bytes=precision.activation_bytes,
-        replicated_grad_bytes=attention_replicated_params(cfg) * precision.grad_bytes,
-        intra_node_bytes_per_s=e.intra_node_gb_per_s * 1e9, inter_node_bytes_per_s=e.inter_node_gb_per_s * 1e9)
+        replicated_grad_bytes=attention_replicated_params(cfg) * precision.grad_bytes, grad_bytes=precision.grad_bytes,
+        head_grad_bytes=cfg.model.num_layers * head_params(cfg.model) * precision.grad_bytes,
+        expert_grad_bytes=moe_gpu_params(cfg, 1) * precision.grad_bytes,
+        intra_node_bytes_per_s=e.intra_node_gb_per_s * 1e9, inter_node_bytes_per_s=e.inter_node_gb_per_s * 1e9,
+        compression_bytes_per_s=e.compression_gb_per_s * 1e9)

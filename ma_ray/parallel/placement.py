@@ -39,6 +39,7 @@ apply the one rule of ``ma_ray.parallel.split``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -87,6 +88,27 @@ class Plan:
     num_heads: int
     num_experts: int
     gpus: Tuple[GpuAssignment, ...]  # indexed by global id
+    # Data-parallel copies (``cluster.replicas``): this plan is copy ``replica`` of ``replicas``,
+    # on nodes ``replica * num_nodes`` onwards; global ids, pool ranks, heads
+    # and experts are the same in every copy, so a GPU's counterparts share its global id.
+    replica: int = 0
+    replicas: int = 1
+
+    def for_replica(self, replica: int) -> "Plan":
+        """Copy ``replica`` of this plan: the same GPUs, each on its node shifted to that copy's."""
+        if not 0 <= replica < self.replicas:
+            raise ValueError(f"replica {replica} is not one of the plan's {self.replicas}")
+        shift = (replica - self.replica) * self.num_nodes
+        gpus = tuple(dataclasses.replace(g, node=g.node + shift) for g in self.gpus)
+        return dataclasses.replace(self, gpus=gpus, replica=replica)
+
+    def replica_at(self, slot: Tuple[int, int]) -> "Plan":
+        """The plan of the replica whose nodes hold ``slot`` (node, local GPU)."""
+        return self.for_replica(slot[0] // self.num_nodes)
+
+    def replica_plans(self) -> Tuple["Plan", ...]:
+        """Every copy's plan, copy 0 first."""
+        return tuple(self.for_replica(r) for r in range(self.replicas))
 
     @property
     def total_gpus(self) -> int:
@@ -148,6 +170,7 @@ class Plan:
         return {"num_nodes": self.num_nodes, "gpus_per_node": self.gpus_per_node,
                 "num_heads": self.num_heads, "num_experts": self.num_experts,
                 "attention_gpus": self.attention_gpus, "moe_gpus": self.moe_gpus,
+                "replica": self.replica, "replicas": self.replicas,
                 "gpus": [g.to_dict() for g in self.gpus]}
 
 
@@ -200,4 +223,24 @@ def make_plan(cfg: Config, attention_gpus: Optional[int] = None, within_policy: 
     k = cfg.cluster.attention_gpus if attention_gpus is None else attention_gpus
     check_split(cfg, k, within_policy=within_policy)
     c = cfg.cluster
-    return place(c.num_nodes, c.gpus_per_node, k, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    plan = place(c.num_nodes, c.gpus_per_node, k, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    return dataclasses.replace(plan, replicas=c.replicas)
+
+
+def replicate(plan: Plan, replicas: int) -> Plan:
+    """``replicas`` data-parallel copies of ``plan`` side by side, copy ``r`` on nodes
+    ``r * num_nodes`` onwards, each keeping its slots, roles, heads and experts; global ids run
+    copy by copy, and a GPU's ``rank`` is its rank in its pool across all copies. It stands for
+    the groups that all-reduce gradients between the copies (a GPU with its counterparts), for
+    the communication model (``parallel.emulation``); no job runs such a plan as one (a job
+    runs ``Plan.replica_plans``)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas: must be an integer >= 1, got {replicas!r}")
+    pools = [plan.attention_workers(), plan.moe_workers()]
+    gpus: List[GpuAssignment] = []
+    for pool in pools:  # attention GPUs of every copy first, as in one plan
+        for r in range(replicas):
+            for g in pool:
+                gpus.append(GpuAssignment(len(gpus), g.node + r * plan.num_nodes, g.local_gpu, g.role,
+                                          g.rank + r * len(pool), g.heads, g.experts))
+    return Plan(plan.num_nodes * replicas, plan.gpus_per_node, plan.num_heads, plan.num_experts, tuple(gpus))

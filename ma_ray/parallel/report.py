@@ -28,9 +28,10 @@ class PlanReport:
 
     def to_dict(self) -> dict:
         c = self.cfg
-        gpus = []
-        for g, mem in zip(self.plan.gpus, self.memory):
-            gpus.append({**g.to_dict(), "memory_gb": mem.total_gb, "memory": mem.to_dict()})
+        gpus = []  # every replica's, replica by replica (the same split and memory in each)
+        for copy in self.plan.replica_plans():
+            for g, mem in zip(copy.gpus, self.memory):
+                gpus.append({**g.to_dict(), "replica": copy.replica, "memory_gb": mem.total_gb, "memory": mem.to_dict()})
         budgets = {}
         for role in (ATTENTION, MOE):
             peak, peak_unfused = self.peak(role), self.peak(role, unfused=True)
@@ -39,7 +40,8 @@ class PlanReport:
                              "peak_without_checkpointing_gb": (peak.total_bytes - peak.activations_bytes
                                                                + peak.activations_full_bytes) / GB}
         return {
-            "topology": {"num_nodes": self.plan.num_nodes, "gpus_per_node": self.plan.gpus_per_node},
+            "topology": {"num_nodes": self.plan.num_nodes, "gpus_per_node": self.plan.gpus_per_node,
+                         "replicas": self.plan.replicas},
             "attention_gpus": self.plan.attention_gpus,
             "moe_gpus": self.plan.moe_gpus,
             "gpus": gpus,
@@ -52,17 +54,22 @@ class PlanReport:
 
     def format_table(self) -> str:
         c, p = self.cfg, self.plan
+        copies = (f"{p.replicas} replicas (data-parallel copies, each on nodes of its own) of "
+                  if p.replicas > 1 else "")
         lines = [
-            f"Plan: {p.num_nodes} nodes x {p.gpus_per_node} GPUs; {p.attention_gpus} attention GPUs "
+            f"Plan: {copies}{p.num_nodes} nodes x {p.gpus_per_node} GPUs; {p.attention_gpus} attention GPUs "
             f"({p.num_heads} heads), {p.moe_gpus} MoE GPUs ({p.num_experts} experts)",
             "",
         ]
         # Tiny (test) models would read 0.0 GB everywhere: switch the column to MB for them.
         unit, scale = ("GB", GB) if max(m.total_bytes for m in self.memory) >= GB else ("MB", 1e6)
-        rows = [("gpu", "node", "local gpu", "role", "heads", "experts", f"memory {unit}")]
-        for g, mem in zip(p.gpus, self.memory):
-            rows.append((str(g.gpu), str(g.node), str(g.local_gpu), g.role, _span(g.heads),
-                         _span(g.experts), f"{mem.total_bytes / scale:.1f}"))
+        rows = [("replica", "gpu", "node", "local gpu", "role", "heads", "experts", f"memory {unit}")]
+        for copy in p.replica_plans():
+            for g, mem in zip(copy.gpus, self.memory):
+                rows.append((str(copy.replica), str(g.gpu), str(g.node), str(g.local_gpu), g.role, _span(g.heads),
+                             _span(g.experts), f"{mem.total_bytes / scale:.1f}"))
+        if p.replicas == 1:
+            rows = [r[1:] for r in rows]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  ".join(cell.rjust(w) if cell[:1].isdigit() else cell.ljust(w)

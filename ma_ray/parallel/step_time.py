@@ -101,7 +101,8 @@ class PipelineShape:
 
     @classmethod
     def from_config(cls, cfg) -> "PipelineShape":
-        return cls(micro_batches=cfg.train.gradient_accumulation_steps, layers=cfg.model.num_layers,
+        # Each replica runs its share of the micro-batches, all replicas at once.
+        return cls(micro_batches=cfg.micro_batches_per_replica, layers=cfg.model.num_layers,
                    in_flight=cfg.schedule.micro_batches_in_flight)
 
 

@@ -31,9 +31,13 @@ MoE pool (``m = N - k`` GPUs):
                 these rows times ``hidden``, so they are this feature, not another one;
 * ``sources``   attention GPUs that each send it a message per stage (``k``).
 
-Each feature is divided by its value at the reference split (``cluster.attention_gpus``) under a
-uniform router, so a coefficient reads "seconds this term takes at the reference split" and all
-features are 1 there.
+Each feature is divided by its value at the reference split under a uniform router, so a
+coefficient reads "seconds this term takes at the reference split" and all features are 1 there.
+The reference is the layout the seed's coefficients describe (``balance.time_coef_layout``: the
+seed's 4 x 4 at 12), or, when that is null, the configured layout at ``cluster.attention_gpus``.
+A fixed reference makes every layout's prior the same function of its GPUs' work: anchored at
+the configured layout instead, the seed's formula, which hardly depends on the layout, would
+price any layout run as if it were the seed's.
 
 The prior (``seed_prior``): at the reference split the prior mean reproduces the seed's formula
 exactly. Its constant goes to ``constant``; for attention, the shape terms ``c1 seq + c2 hidden``
@@ -48,6 +52,7 @@ say what another split would cost.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,8 +100,13 @@ class Workload:
         self.top_k = moe.top_k
         self.tokens = tokens_per_micro_batch(cfg)
         self.capacity = expert_capacity(cfg)
-        self.reference_k = cfg.cluster.attention_gpus if reference_k is None else reference_k
-        self.stages_per_step = t.gradient_accumulation_steps * m.num_layers
+        layout = cfg.balance.time_coef_layout
+        if reference_k is not None or layout is None:
+            layout = (self.num_nodes, self.gpus_per_node, cfg.cluster.attention_gpus if reference_k is None else reference_k)
+        # The reference: the layout whose busiest GPUs' work the coefficients price (features
+        # are 1 there). ``reference_k`` is its split.
+        self.reference_layout = tuple(layout)
+        self.reference_k = self.reference_layout[2]
         self.micro_batches_in_flight = cfg.schedule.micro_batches_in_flight
         # Flops per head (whole micro-batch) and per token of a slice, forward; only their ratio
         # is used (backward multiplies both by about the same factor).
@@ -108,11 +118,16 @@ class Workload:
         self.attn_time_coef = tuple(float(c) for c in cfg.balance.attn_time_coef)
         self.moe_time_coef = tuple(float(c) for c in cfg.balance.moe_time_coef)
         self._experts_of = lru_cache(maxsize=None)(self._experts_of_uncached)
-        problem = split_error(self.reference_k, self.total_gpus, self.num_heads, self.num_experts,
+        ref_nodes, ref_gpus, ref_k = self.reference_layout
+        problem = split_error(ref_k, ref_nodes * ref_gpus, self.num_heads, self.num_experts,
                               key="reference split (cluster.attention_gpus)")
         if problem is not None:
             raise ValueError(problem)
-        self._reference = self.shape(self.reference_k)
+        if (ref_nodes, ref_gpus) == (self.num_nodes, self.gpus_per_node):
+            self._reference = self.shape(ref_k)
+        else:  # the same model and batch on the reference's topology
+            cluster = dataclasses.replace(cfg.cluster, num_nodes=ref_nodes, gpus_per_node=ref_gpus, attention_gpus=ref_k)
+            self._reference = Workload(dataclasses.replace(cfg, cluster=cluster), ref_k).shape(ref_k)
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -121,6 +136,11 @@ class Workload:
         return {"total_gpus": self.total_gpus, "num_nodes": self.num_nodes, "gpus_per_node": self.gpus_per_node,
                 "num_heads": self.num_heads, "num_experts": self.num_experts, "top_k": self.top_k,
                 "tokens": self.tokens, "capacity": self.capacity, "reference_k": self.reference_k}
+
+    @property
+    def reference_shape(self) -> SplitShape:
+        """The reference layout's busiest GPUs' work under a uniform router."""
+        return self._reference
 
     # -- splits -------------------------------------------------------------------------------
 
@@ -173,7 +193,13 @@ class Workload:
     def features(self, k: int, load: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """(attention features, MoE features) of split ``k``; both all ones at the reference split
         under a uniform router. Order: ``ATTENTION_TERMS`` and ``MOE_TERMS``."""
-        s, r = self.shape(k, load), self._reference
+        return self.features_of(self.shape(k, load))
+
+    def features_of(self, s: SplitShape) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """The features of the busiest GPUs ``s``, relative to this workload's reference split.
+        ``s`` may come from another topology's ``Workload`` (a replica of another size): the
+        features are per-GPU work, so they mean the same there (the planner, ``parallel.search``)."""
+        r = self._reference
         attention = (1.0, s.heads / r.heads, s.tokens / r.tokens, _ratio(s.attention_vectors, r.attention_vectors))
         moe = (1.0, s.experts / r.experts, _ratio(s.rows, r.rows), s.sources / r.sources)
         return attention, moe
@@ -194,6 +220,15 @@ class Workload:
         attention = (a0, shape_terms * head_share, shape_terms * token_share, 0.0)
         moe = (m0, m2 * self._reference.experts, m1 * self.expert_hidden, 0.0)
         return attention, moe
+
+    def prior_stage_times(self, s: SplitShape) -> Tuple[float, float]:
+        """(T_attention, T_moe) seconds per stage of the busiest GPUs ``s`` under the prior:
+        ``seed_prior . features_of(s)``. It is what the controller's predictor predicts before its
+        first measurement (``control.predictor``: scale x shares . features, the same product),
+        and what the planner scores layouts with, so the two cannot disagree."""
+        x_a, x_m = self.features_of(s)
+        prior_a, prior_m = self.seed_prior()
+        return (sum(w * x for w, x in zip(prior_a, x_a)), sum(w * x for w, x in zip(prior_m, x_m)))
 
     def work_shares(self) -> Tuple[float, float]:
         """Fractions of the attention shape terms given to heads and to tokens (for reports)."""

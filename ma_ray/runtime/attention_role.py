@@ -13,7 +13,7 @@ are leaves, so a transfer sits between two explicit ``backward`` calls.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -22,12 +22,13 @@ from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
 from ma_ray.model.stacks import AttentionStack
 from ma_ray.parallel.step_time import FORWARD_SHARE
-from ma_ray.parallel.placement import ATTENTION
+from ma_ray.parallel.placement import ATTENTION, replicate
 from ma_ray.parallel.shares import balanced_ranges
+from ma_ray.runtime import residuals
 from ma_ray.runtime import schedule as S
 from ma_ray.runtime.role import Role, grad_of
 from ma_ray.runtime.step_metrics import WorkerStepResult
-from ma_ray.runtime.timing import ATTENTION_COLLECTIVES, ATTENTION_COMPUTE, WAIT_MOE
+from ma_ray.runtime.timing import ATTENTION_COLLECTIVES, ATTENTION_COMPUTE, COMPRESSION, GRAD_SYNC, WAIT_MOE
 from ma_ray.runtime.transport import chunk_sizes
 
 
@@ -51,7 +52,9 @@ class AttentionRole(Role):
         self.lo, self.hi = my.start, my.stop
         self.top_k, self.num_experts = moe.top_k, moe.num_experts
         self.capacity = R.capacity(self.tokens, moe.top_k, moe.num_experts, moe.capacity_factor, moe.expert_capacity)
-        self.accum = t.gradient_accumulation_steps
+        self.accum = t.gradient_accumulation_steps  # the step's, over every replica: the losses' divisor
+        # This replica's micro-batches: the step's, in order, cut into equal shares.
+        self.first_micro = plan.replica * cfg.micro_batches_per_replica
         # Each MoE worker's (gpu, first expert, end): the workers hold consecutive ranges of the
         # experts in order, so each one's rows are one block of the rows sorted by expert.
         if [e for w in plan.moe_workers() for e in w.experts] != list(range(self.num_experts)):
@@ -61,12 +64,24 @@ class AttentionRole(Role):
         self.side_params = list(self.stack.side.parameters())
         # Modelled seconds (zero computing for real): this worker's stage, split forward and
         # backward, and one all-gather or reduce-scatter of a micro-batch's hidden states, and
-        # the all-reduce of the replicated gradients, over the pool's ring.
+        # the all-reduce of the replicated gradients, over the pool's collectives.
         stage = durations.attention_stage_s(len(me.heads), (self.hi - self.lo) * durations.token_scale)
         self.modelled_fwd, self.modelled_bwd = FORWARD_SHARE * stage, (1 - FORWARD_SHARE) * stage
-        one_node = len({w.node for w in plan.attention_workers()}) == 1
-        self.modelled_ring = durations.ring_s(durations.rows_bytes(self.tokens), plan.attention_gpus, one_node)
-        self.modelled_allreduce = 2 * durations.ring_s(durations.replicated_grad_bytes, plan.attention_gpus, one_node)
+        self.aggregation = links.aggregation
+        self.gradients = links.gradients  # the replicated gradients' all-reduce, over every replica
+        hierarchical = cfg.comm.hierarchical_allreduce
+        # What a micro-batch's hidden states and routing choices stand for at the configured
+        # shapes (zero computing for real: the aggregation counts the tensors' own bytes).
+        self.rows_bytes = durations.rows_bytes(self.tokens)
+        self.index_bytes = self.tokens * self.top_k * 8 * durations.token_scale if self.rows_bytes else 0.0
+        self.modelled_ring = durations.pool_collective_s(plan, self.rows_bytes, False, hierarchical, self.slice_sizes)
+        # The replicated gradients' all-reduce: its cross-node level sends what the reducer
+        # sends (comm.cross_node), and compressing takes the kernels' time on this GPU's pieces.
+        # (seconds, of which kernels) by whether the step compresses: a compressing reducer
+        # sends dense during its warm-up (comm.compression_warmup_steps).
+        self.flat_numel = sum(p.numel() for p in self.side_params)
+        self.hierarchical = hierarchical
+        self.modelled_sync: Dict[bool, tuple] = {}
 
     def op_handlers(self):
         return {S.EMBED: self.embed, S.ATTN_FWD: self.attn_fwd, S.DISPATCH: self.dispatch, S.COMBINE: self.combine,
@@ -83,34 +98,70 @@ class AttentionRole(Role):
         # micro-batches), summed on the device and read once, at the step's end: a read per
         # micro-batch and layer would make the host wait for the device each time.
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.torch_device)
+        self.aggregation.reset_counts()
+        if self.gradients is not self.aggregation:
+            self.gradients.reset_counts()
+        self.gradients.reducer.begin_step(step)
 
     def end_micro_batches(self) -> WorkerStepResult:
         ce, aux, z, dropped = self.sums.tolist()
         m = self.cfg.moe
-        assignments = self.tokens * self.top_k * self.accum * self.cfg.model.num_layers
+        assignments = self.tokens * self.top_k * self.cfg.micro_batches_per_replica * self.cfg.model.num_layers
         return WorkerStepResult(grad_norm=0.0, lr=0.0, loss_share=ce + m.aux_loss_alpha * aux + m.router_z_loss_coef * z,
                                 ce_share=ce, aux_share=aux, z_share=z, dropped_fraction=dropped / assignments)
 
     def synchronize_gradients(self) -> None:
         grads = [p.grad for p in self.side_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_allreduce):
-            self.links.allreduce_attention(flat)
+        allreduce_s, compression_s = self._modelled_sync()
+        with self.device.collective(GRAD_SYNC, allreduce_s):
+            self.gradients.allreduce(flat, self.durations.replicated_grad_bytes, [g.numel() for g in grads])
+        self.timer.add(COMPRESSION, compression_s)
         offset = 0
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
+    def _modelled_sync(self) -> tuple:
+        """(seconds, of which compression kernels) of this step's replicated all-reduce."""
+        reducer = self.gradients.reducer
+        if reducer.compresses not in self.modelled_sync:
+            self.modelled_sync[reducer.compresses] = self.durations.replicated_allreduce_s(
+                replicate(self.plan.for_replica(0), self.plan.replicas), self.hierarchical, reducer.wire_factor,
+                reducer.compresses, max(1, len(self.gradients.held_ranges(self.flat_numel))))
+        return self.modelled_sync[reducer.compresses]
+
+    def step_level_bytes(self) -> Dict[str, float]:
+        out = dict(self.aggregation.level_bytes)
+        if self.gradients is not self.aggregation:
+            for level, n in self.gradients.level_bytes.items():
+                out[level] = out.get(level, 0.0) + n
+        return out
+
+    # -- gradient compression's residuals (runtime.residuals) ---------------------------------
+
+    def residual_parts(self) -> List[residuals.Part]:
+        return residuals.parts_of(self.me.node, self.gradients.held_ranges(self.flat_numel),
+                                  self.gradients.reducer.residuals())
+
+    def load_residuals(self, parts, nodes: set) -> None:
+        wanted = self.gradients.held_ranges(self.flat_numel)
+        self.gradients.reducer.load_residuals(residuals.assemble(wanted, parts, nodes), self.torch_device,
+                                              self.side_params[0].dtype)
+
     def norm_parameters(self):
         if self.me.rank == 0:
             return list(self.module.parameters())
+        return self.sharded_parameters()
+
+    def sharded_parameters(self) -> list:
         return [p for shard in self.stack.shards for p in shard.parameters()]
 
     # -- forward ops ------------------------------------------------------------------------
 
     def embed(self, mb: int, _layer: int) -> None:
-        ids, targets = self.dataset.micro_batch(self.step, mb)
+        ids, targets = self.dataset.micro_batch(self.step, self.first_micro + mb)
         # The input comes from the host: this slice's token ids and targets, one copy, which
         # waits for nothing the device computes (from pinned memory on a GPU, so it does not
         # block the host either).
@@ -140,7 +191,7 @@ class AttentionRole(Role):
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
         with self.device.collective(ATTENTION_COLLECTIVES):  # a few bytes a token: no time to model
-            all_idx = self.links.gather_tokens(topk_idx, self.slice_sizes)
+            all_idx = self.aggregation.gather_tokens(topk_idx, self.slice_sizes, self.index_bytes)
         with self.device.compute(ATTENTION_COMPUTE):
             keep_all = R.capacity_keep(all_idx, self.num_experts, self.capacity)
             keep = keep_all[self.lo:self.hi]
@@ -228,11 +279,11 @@ class AttentionRole(Role):
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
-            return self.links.gather_tokens(local, self.slice_sizes)
+            return self.aggregation.gather_tokens(local, self.slice_sizes, self.rows_bytes)
 
     def _scatter(self, full: torch.Tensor) -> torch.Tensor:
         with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
-            return self.links.scatter_tokens(full, self.slice_sizes)
+            return self.aggregation.scatter_tokens(full, self.slice_sizes, self.rows_bytes)
 
     def _receive_from_moe(self, st) -> torch.Tensor:
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch
@@ -241,7 +292,7 @@ class AttentionRole(Role):
         blocks = [(src, [torch.empty(n, hidden, dtype=self.transfer_dtype, device=self.torch_device)
                          for n in chunk_sizes(size, self.chunk_rows)])
                   for (src, _, _), size in zip(self.moe_workers, st["sizes"])]
-        chunks = list(self.transport.receive_blocks(blocks, lambda: self.timer.wait(WAIT_MOE)))
+        chunks = list(self.transport.receive_blocks(blocks, lambda: self.device.waiting(WAIT_MOE)))
         self.wait_sends(st.pop("sends"), WAIT_MOE)
         if not chunks:
             return torch.empty(0, hidden, dtype=self.transfer_dtype, device=self.torch_device)

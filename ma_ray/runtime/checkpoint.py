@@ -1,15 +1,24 @@
-"""Checkpoints: the layout-independent training state on disk, written atomically.
+"""Checkpoints: the layout-independent training state on disk, written atomically, checked on
+load, and kept within ``train.keep_checkpoints``.
 
 ``ROOT/step-00000050/`` holds one ``<worker>.pt`` per worker with the names it is the single
 source of (parameters and AdamW moments by global name, and the optimizer step count),
 ``shards.json`` (which names each shard holds, so a resuming worker opens only the shards that
 hold its names, and maps them rather than reading them: ``runtime.worker``) and ``meta.json``
-(the step, the split and plan, the config, and what the caller adds: predictor state, ...). A
+(the step, the split and plan, the config, each shard's size and SHA-256 under ``shards``, with
+gradient compression's residual files among them, and what the caller adds: predictor state, ...). A
 checkpoint without ``shards.json`` (written before it existed) still loads: every shard is
 opened, and still only the names taken are read. A checkpoint is written into a temporary
 folder and renamed into place, and ``ROOT/latest`` names the newest one (replaced atomically),
 so a crash during a save leaves the previous checkpoint intact and ``latest`` never points at a
-half-written one.
+half-written one. What a crash does leave, a ``.step-*.tmp-*`` folder, is removed by
+``clean_orphans`` when the next run in the folder starts.
+
+A checkpoint is used only once every shard matches its recorded size and checksum
+(``verify``): a truncated, emptied or overwritten shard, or one flipped bit, is named in one
+line, and ``newest_intact`` goes back to the newest checkpoint that is whole, saying so.
+Writing one surfaces a full disk or a read-only folder as one ``StorageError`` line naming the
+path and the cause.
 
 Nothing else needs saving: batches are a function of (seed, step) and each worker's dropout RNG
 is reseeded from (seed, step, worker) every step.
@@ -17,12 +26,15 @@ is reseeded from (seed, step, worker) every step.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
 from ma_ray.errors import MaRayError
 from ma_ray.runtime.links import worker_name
@@ -32,32 +44,154 @@ LATEST = "latest"
 SHARD_INDEX = "shards.json"
 
 
+META = "meta.json"
+LOW_SPACE_BYTES = 1 << 20  # below it, a failed write is put down to a full disk
+STEP_FOLDER = re.compile(r"^step-(\d{8})$")
+ORPHAN = re.compile(r"^\.(step-\d{8}|latest)\.tmp-[0-9a-f]{8}$")
+
+
 class CheckpointError(MaRayError):
     pass
 
 
-def save(job, root: Path, step: int, extra: Optional[dict] = None) -> Path:
-    """Write the job's state after ``step`` into ``root``; returns the checkpoint folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+class StorageError(CheckpointError, RuntimeError):
+    """A checkpoint could not be written (a full disk, a read-only folder): one line naming the
+    path and the cause. Not a fault a restart cures."""
+
+
+def storage_error(path, exc: Exception) -> StorageError:
+    """``exc``, raised writing ``path``, as one line. torch reports a full disk only as its
+    writer's failure (``unexpected pos ...``), so the free space is looked at too."""
+    text = str(exc).strip()
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+        text.splitlines()[0] if text else type(exc).__name__)
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    # An OSError says what it is; torch's writer errors do not.
+    if (exc.errno == errno.ENOSPC) if isinstance(exc, OSError) and exc.errno else free < LOW_SPACE_BYTES:
+        cause = f"no space left on the device ({free // 1024} KiB free)"
+    return StorageError(f"cannot write {path}: {cause}")
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def save(job, root: Path, step: int, extra: Optional[dict] = None, keep: Optional[int] = None) -> Path:
+    """Write the job's state after ``step`` into ``root``; returns the checkpoint folder. With
+    ``keep``, only the newest ``keep`` checkpoints stay."""
+    final = step_folder(root, step)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        nbytes = job.save_shards(str(tmp))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise storage_error(exc.filename or tmp, exc) from None
+    try:
+        shards = job.save_shards(str(tmp))
         meta = {"step": step, "attention_gpus": job.plan.attention_gpus, "plan": job.plan.to_dict(),
-                "config": job.cfg.to_dict(), "bytes": nbytes, **(extra or {})}
-        (tmp / SHARD_INDEX).write_text(json.dumps(shard_index(job.cfg, job.plan)))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+                "config": job.cfg.to_dict(), "bytes": sum(s["bytes"] for s in shards.values()),
+                "shards": shards, **(extra or {})}
+        try:
+            (tmp / SHARD_INDEX).write_text(json.dumps(shard_index(job.cfg, job.plan)))
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer = root / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / LATEST)
+        except OSError as exc:
+            raise storage_error(exc.filename or tmp, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST)
+    if keep is not None:
+        prune(root, keep)
     return final
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify(folder: Path) -> dict:
+    """``folder``'s metadata once every shard it lists has its recorded size and SHA-256;
+    ``CheckpointError`` naming the first file that does not. A checkpoint written before
+    checksums were recorded is taken as it is."""
+    meta = read_meta(folder)
+    for name, want in sorted(meta.get("shards", {}).items()):
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path}: the shard is missing")
+        size = path.stat().st_size
+        if size != want["file_bytes"]:
+            raise CheckpointError(f"checkpoint {path}: the shard has {size} bytes, {want['file_bytes']} were written")
+        if file_digest(path) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: the shard's SHA-256 does not match the one recorded")
+    return meta
+
+
+def completed(root: Path) -> List[Path]:
+    """The checkpoint folders under ``root``, newest first."""
+    if not Path(root).is_dir():
+        return []
+    return sorted((p for p in Path(root).iterdir() if STEP_FOLDER.match(p.name) and (p / META).is_file()),
+                  key=lambda p: p.name, reverse=True)
+
+
+def newest_intact(root: Path, warn: Callable[[str], None]) -> Path:
+    """The newest checkpoint under ``root`` that ``verify`` accepts, starting from the one
+    ``latest`` names; each damaged one it passes is reported through ``warn`` in one line."""
+    first = latest(root)
+    for folder in [first] + [p for p in completed(root) if p.name < first.name]:
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as exc:
+            warn(f"{exc}; falling back to an older checkpoint")
+    raise CheckpointError(f"{root}: no intact checkpoint there")
+
+
+def latest_intact(root: Path, warn: Callable[[str], None]) -> Optional[Path]:
+    """``newest_intact``, or None when ``root`` has no checkpoint yet (a run that starts over)."""
+    return newest_intact(root, warn) if (Path(root) / LATEST).is_file() else None
+
+
+def at_step(root: Path, step: int) -> Path:
+    """The checkpoint of ``step`` under ``root``, verified (``--resume-step``)."""
+    folder = step_folder(root, step)
+    if not (folder / META).is_file():
+        have = ", ".join(str(int(STEP_FOLDER.match(p.name).group(1))) for p in completed(root)) or "none"
+        raise CheckpointError(f"--resume-step {step}: no checkpoint of that step in {root} (steps: {have})")
+    verify(folder)
+    return folder
+
+
+def clean_orphans(root: Path) -> List[str]:
+    """Remove what saves cut short left under ``root`` (``.step-*.tmp-*`` folders and
+    ``.latest.tmp-*`` pointers); returns their names. Only while no save runs in ``root``."""
+    if not Path(root).is_dir():
+        return []
+    removed = []
+    for p in Path(root).iterdir():
+        if ORPHAN.match(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def prune(root: Path, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names);
+    returns the names deleted."""
+    named = (Path(root) / LATEST).read_text().strip() if (Path(root) / LATEST).is_file() else None
+    doomed = [p for p in completed(root)[keep:] if p.name != named]
+    for p in doomed:
+        shutil.rmtree(p)
+    return [p.name for p in doomed]
 
 
 def shard_file(worker: str) -> str:
@@ -78,15 +212,21 @@ def read_shard_index(folder: Path) -> Optional[dict]:
 
 
 def latest(root: Path) -> Path:
-    """The newest complete checkpoint under ``root``; one-line error when there is none."""
+    """The checkpoint ``latest`` names under ``root`` (not verified); one-line error when there
+    is none."""
+    root = Path(root)
     pointer = root / LATEST
     if not pointer.is_file():
         raise CheckpointError(f"--resume {root}: no checkpoint there (no '{LATEST}' file)")
     folder = root / pointer.read_text().strip()
-    if not (folder / "meta.json").is_file():
+    if not (folder / META).is_file():
         raise CheckpointError(f"--resume {root}: '{LATEST}' names {folder.name}, which is incomplete")
     return folder
 
 
 def read_meta(folder: Path) -> dict:
-    return json.loads((folder / "meta.json").read_text())
+    path = Path(folder) / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import ray
 import torch
@@ -20,8 +20,9 @@ import torch
 from ma_ray.comm.cpu_backend import strict_requested
 from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
+from ma_ray.runtime import residuals
 from ma_ray.runtime.cluster import reserve_gpus
-from ma_ray.runtime.links import worker_name
+from ma_ray.runtime.links import generation_groups, worker_name
 from ma_ray.runtime.migration import plan_shipments
 from ma_ray.runtime.step_metrics import summarize
 from ma_ray.runtime.worker import Worker
@@ -32,19 +33,23 @@ CLOSE_TIMEOUT_S = 30.0  # shutting down is best effort: the actors are killed af
 
 class TrainingJob:
     def __init__(self, cfg, dataset, attention_gpus: int | None = None, name: str | None = None,
-                 torch_threads: int | None = None, checkpoint: str | None = None):
+                 torch_threads: int | None = None, checkpoint: str | None = None, generation: int = 0):
+        """``generation``: the first generation's number; a job restarted after a failure starts
+        past its predecessor's, so its collective groups get names no dead process still holds."""
         if strict_requested(cfg.comm.strict_nccl) and not cfg.comm.strict_nccl:
             cfg = cfg.replace(**{"comm.strict_nccl": True})  # MA_RAY_STRICT_NCCL=1 reaches every worker
         self.cfg = cfg
         self.name = name or f"ma-{uuid.uuid4().hex[:8]}"
         self.plan = make_plan(cfg, attention_gpus)
-        self.generation = 0
-        self.pg = reserve_gpus(cfg.cluster)
+        self.generation = generation
+        self._shut = False
+        self.pg = reserve_gpus(cfg.cluster, self.name)
         c = cfg.cluster
-        self.slots = list(itertools.product(range(c.num_nodes), range(c.gpus_per_node)))
-        grace_s = 2 * cfg.comm.synchronization_timeout_ms / 1000 + 5
-        self.workers = WorkerGroup(Worker, self.pg, self.slots, cfg.control.worker_timeout_s, grace_s,
-                                   self._describe, actor_args=(torch_threads,))
+        # Every replica's slots: replica r's nodes are r * num_nodes onwards (Plan.for_replica).
+        self.slots = list(itertools.product(range(c.replicas * c.num_nodes), range(c.gpus_per_node)))
+        sync_s = cfg.comm.synchronization_timeout_ms / 1000
+        self.workers = WorkerGroup(Worker, self.pg, self.slots, cfg.control.worker_timeout_s, 2 * sync_s + 5,
+                                   self._describe, actor_args=(torch_threads,), settle_s=sync_s + 1)
         try:
             self._dataset_ref = ray.put(dataset)
             self.workers.become(lambda slot: ((self.cfg, self.plan, slot, self.name, self.generation,
@@ -53,9 +58,14 @@ class TrainingJob:
             self.shutdown()  # nothing of a job that did not start stays on the cluster
             raise
 
+    @property
+    def plans(self):
+        """Every replica's plan, replica 0 (``self.plan``) first."""
+        return self.plan.replica_plans()
+
     def _describe(self, slot) -> str:
         """A slot's worker as errors name it: its place and its role in the current plan."""
-        return f"{worker_name(*slot)} ({self.plan.at_slot(slot).role})"
+        return f"{worker_name(*slot)} ({self.plan.replica_at(slot).at_slot(slot).role})"
 
     def apply_split(self, attention_gpus: int) -> dict:
         """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
@@ -72,7 +82,9 @@ class TrainingJob:
         if diff.is_empty:
             return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0,
                     "shipped_bytes": 0, "received_bytes": {}}
-        shipments = plan_shipments(self.cfg, self.plan, new_plan)
+        # Each replica's workers trade among themselves, worker to worker, all replicas at once.
+        shipments = [s for old, new in zip(self.plans, new_plan.replica_plans())
+                     for s in plan_shipments(self.cfg, old, new)]
         outgoing = {slot: [s for s in shipments if s.src == slot] for slot in self.slots}
         refs = self.workers.export_for(lambda slot: ((outgoing[slot],), {}))
         incoming: Dict[tuple, list] = {slot: [] for slot in self.slots}
@@ -80,11 +92,16 @@ class TrainingJob:
             for shipment, ref in zip(sent, refs[src]):
                 for dst in shipment.dsts:
                     incoming[dst].append((src, ref))
+        # Gradient compression's residuals belong to nodes: each old attention worker's go to
+        # the new workers of its node (runtime.residuals).
+        residual_refs = self.workers.export_residuals()
+        old_attention = [(g.slot, residual_refs[g.slot][0]) for copy in self.plans for g in copy.attention_workers()]
         old_plan, old_generation = self.plan, self.generation
         self.generation += 1
         answers = self.workers.become(lambda slot: ((self.cfg, new_plan, slot, self.name, self.generation,
-                                                     self._dataset_ref, incoming[slot]), {"carry": True}))
-        del refs, incoming  # the shipped objects leave the store
+                                                     self._dataset_ref, incoming[slot]),
+                                                    {"carry": True, "residual_parts": old_attention}))
+        del refs, incoming, residual_refs, old_attention  # the shipped objects leave the store
         self.plan = new_plan
         self._release_rendezvous_actors(old_generation, old_plan)
         received = {worker_name(*slot): answer["loaded_bytes"] for slot, answer in sorted(answers.items())
@@ -106,8 +123,7 @@ class TrainingJob:
 
         gpus = range(max(1, self.cfg.cluster.gpus_per_node))  # the device index a worker's tensors have
         wanted = set()
-        for group, size in ((f"{self.name}-g{generation}-world", plan.total_gpus),
-                            (f"{self.name}-g{generation}-attn", plan.attention_gpus)):
+        for group, size in generation_groups(self.name, generation, plan, self.cfg.comm.hierarchical_allreduce).items():
             keys = [str(g) for g in gpus]
             keys += [f"{lo}_{a}:{hi}_{b}" for lo in range(size) for hi in range(lo + 1, size) for a in gpus for b in gpus]
             wanted.update(get_store_name(f"{key}@{group}") for key in keys)
@@ -121,25 +137,51 @@ class TrainingJob:
                     pass
         return killed
 
-    def step(self, step: int):
-        """Run one optimizer step on every worker; returns the step's metrics."""
-        results = self.workers.train_step(step)
-        return summarize(self.cfg, self.plan, [results[g.slot] for g in self.plan.gpus])
+    def step(self, step: int, timeout_s: Optional[float] = None):
+        """Run one optimizer step on every worker within ``timeout_s`` (default
+        ``control.worker_timeout_s``); returns the step's metrics."""
+        results = self.workers.train_step(step, timeout_s=timeout_s)
+        return summarize(self.cfg, self.plan, [results[g.slot] for copy in self.plans for g in copy.gpus])
 
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
-        """Every global tensor once: replicated attention-side tensors from attention rank 0."""
+        """Every global tensor once, as replica 0 holds it."""
+        return self.export_replicas(which, key)[0]
+
+    def export_replicas(self, which: str = "param", key: str = "") -> List[Dict[str, torch.Tensor]]:
+        """Every global tensor once per replica, as that replica holds it: replicated
+        attention-side tensors from its attention rank 0."""
         parts = self.workers.export(which, key)
-        out: Dict[str, torch.Tensor] = {}
-        for g in self.plan.gpus:
-            for name, tensor in parts[g.slot].items():
-                out.setdefault(name, tensor)
+        out: List[Dict[str, torch.Tensor]] = []
+        for copy in self.plans:
+            tensors: Dict[str, torch.Tensor] = {}
+            for g in copy.gpus:
+                for name, tensor in parts[g.slot].items():
+                    tensors.setdefault(name, tensor)
+            out.append(tensors)
         return out
 
-    def save_shards(self, folder: str) -> int:
-        """Each worker writes what it is the single source of into ``folder``; returns bytes."""
-        return sum(self.workers.save_shard(folder).values())
+    def residuals_by_node(self) -> Dict[int, torch.Tensor]:
+        """Gradient compression's residuals, each node's as one vector over the flat replicated
+        gradients (as far as its parts reach; zeros where a piece has none yet): their
+        layout-independent form (``runtime.residuals``)."""
+        refs = self.workers.export_residuals()
+        parts = [part for copy in self.plans for g in copy.attention_workers()
+                 for part in ray.get(refs[g.slot][0], timeout=60)]
+        numel = max((stop for _, _, stop, _ in parts), default=0)
+        return {node: residuals.assemble({0: range(numel)}, parts, {node})[0]
+                for node in sorted({node for node, *_ in parts})}
+
+    def save_shards(self, folder: str) -> Dict[str, dict]:
+        """Each worker writes what it is the single source of into ``folder``; returns each
+        file's record by its path in the folder (``Worker.save_shard``)."""
+        records = [r for written in self.workers.save_shard(folder).values() for r in written]
+        return {r["file"]: {k: v for k, v in r.items() if k != "file"} for r in records}
 
     def shutdown(self, timeout_s: Optional[float] = CLOSE_TIMEOUT_S) -> None:
+        """Close and kill every worker and free the placement group; a second call does nothing."""
+        if self._shut:
+            return
+        self._shut = True
         try:
             self.workers.close(timeout_s=timeout_s)
         except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway

@@ -58,7 +58,7 @@ class MoERole(Role):
         return WorkerStepResult(grad_norm=0.0, lr=0.0)
 
     def _waiting(self):
-        return self.timer.wait(WAIT_ATTENTION)
+        return self.device.waiting(WAIT_ATTENTION)
 
     def expert_recv(self, mb: int, layer: int) -> None:
         """Every source's row count per local expert; plans the chunks and compute batches."""

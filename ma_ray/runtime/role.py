@@ -21,6 +21,7 @@ from torch import nn
 
 from ma_ray.model.naming import GlobalSlice, global_view, global_views, initialize
 from ma_ray.optim import ADAM_MOMENTS, build_optimizer, clip_coefficient, lr_factor, param_dtype
+from ma_ray.parallel.hierarchy import INTER_NODE
 from ma_ray.runtime.migration import TENSOR_KEYS
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.step_metrics import WorkerStepResult
@@ -52,7 +53,8 @@ class Role:
         self.module.to(self.torch_device, param_dtype(cfg))
         self.optimizer, self.scheduler = build_optimizer(self.module, self.slices, cfg.train)
         self.chunk_rows = transport.chunk_rows
-        self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.train.gradient_accumulation_steps,
+        # This replica's share of the step's micro-batches (all of them with one replica).
+        self.schedule = schedule_for(self.kind, cfg.model.num_layers, cfg.micro_batches_per_replica,
                                      cfg.schedule.micro_batches_in_flight)
         handlers = self.op_handlers()
         missing = sorted({op.kind for op in self.schedule} - set(handlers))
@@ -65,6 +67,12 @@ class Role:
         self._autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if bf16 else nullcontext
         # Activations and their gradients cross between the pools in this dtype.
         self.transfer_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
+        # The sharded gradients at the configured shapes (zero computing for real: the
+        # tensors' own bytes are counted) and their modelled all-reduce with the counterparts.
+        self.shard_grad_bytes = (len(me.heads) * durations.head_grad_bytes
+                                 + len(me.experts) * durations.expert_grad_bytes)
+        self.modelled_counterparts_s = durations.counterparts_allreduce_s(
+            plan.replicas, self.shard_grad_bytes, links.counterpart_reducer.wire_factor)
 
     def op_handlers(self) -> Dict[str, Callable[[int, int], None]]:
         """Schedule op kind -> the method that runs it (``runtime.schedule``)."""
@@ -78,8 +86,9 @@ class Role:
         torch.manual_seed(hash((self.cfg.train.seed, step, self.me.node, self.me.local_gpu)) & 0x7FFF_FFFF)
         self.optimizer.zero_grad(set_to_none=False)
         self.timer.reset()
+        self.device.start_step()
         self.begin_step(step)
-        with self.timer.wait(PASSES):  # the passes, from first op to last, for overlap figures
+        with self.timer.wall(PASSES):  # the passes, first op to the device's last, for overlap figures
             for op in self.schedule:
                 self._handlers[op.kind](op.micro, op.layer)
             self.device.synchronize()
@@ -87,19 +96,29 @@ class Role:
         for p in self.module.parameters():
             if p.grad is None:  # no row reached this worker's experts yet: their gradient is zero
                 p.grad = torch.zeros_like(p)
-        with self.timer.measure(GRAD_SYNC):
-            self.synchronize_gradients()
-        norm = self._global_grad_norm()
-        coef = clip_coefficient(norm, self.cfg.train.gradient_clipping)
-        grads = [p.grad for p in self.module.parameters()]
-        if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
+        self.synchronize_gradients()
+        counterpart_bytes = self.synchronize_counterparts()
+        self.device.end_step()  # the modelled step ends with the gradients' synchronisation
+        norm = self._global_grad_norm(finite_loss=math.isfinite(result.loss_share))
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        with self.timer.measure(OPTIMIZER):
-            self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(norm):
+            coef = clip_coefficient(norm, self.cfg.train.gradient_clipping)
+            grads = [p.grad for p in self.module.parameters()]
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+            with self.timer.measure(OPTIMIZER):
+                self.optimizer.step()
+            self.scheduler.step()
+        else:
+            # A non-finite loss or gradient is never applied. The norm is all-reduced, so every
+            # worker skips alike, and the schedule does not advance (Megatron's skipped step);
+            # whether the run goes on is the controller's call (train.on_nonfinite).
+            result.skipped = True
         result.grad_norm, result.lr = norm, lr
         result.timings = self.timer.totals()
+        result.level_bytes = self.step_level_bytes()
+        if counterpart_bytes:  # the counterparts are all on other nodes
+            result.level_bytes[INTER_NODE] = result.level_bytes.get(INTER_NODE, 0.0) + counterpart_bytes
         return result
 
     def modelled_bytes(self, rows: int) -> float:
@@ -108,20 +127,55 @@ class Role:
         return self.durations.rows_bytes(rows)
 
     def wait_sends(self, handles, label: str) -> None:
-        with self.timer.wait(label):
+        with self.device.waiting(label):
             for handle in handles:
                 handle.wait()
 
-    def _global_grad_norm(self) -> float:
+    def synchronize_counterparts(self) -> float:
+        """Sum the sharded gradients with the counterparts' in the other replicas (each holds
+        the same heads or experts; nothing to do with one replica), with the links' counterpart
+        reducer: dense, or bf16 under ``comm.gradient_compression: bf16``. Returns the bytes it
+        sent."""
+        if self.links.counterparts is None:
+            return 0.0
+        grads = [p.grad for p in self.sharded_parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with self.device.collective(GRAD_SYNC, self.modelled_counterparts_s):
+            self.links.allreduce_counterparts(flat, [g.numel() for g in grads])
+        full_bytes = self.shard_grad_bytes or flat.numel() * flat.element_size()
+        element = flat.element_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return full_bytes * self.links.counterpart_reducer.wire_factor(
+            self.plan.replicas, int(full_bytes / element), element)
+
+    def _global_grad_norm(self, finite_loss: bool = True) -> float:
+        """The global gradient norm; infinite on every worker when any one's loss is not finite.
+        Every replica holds the same summed gradients by now, so replica 0's count, once."""
         sq = torch.zeros(1, dtype=torch.float64, device=self.torch_device)
-        for p in self.norm_parameters():
+        for p in self.norm_parameters() if self.plan.replica == 0 else ():
             sq += p.grad.double().square().sum()
-        self.links.allreduce_world(sq)
+        if not finite_loss:
+            sq.fill_(math.inf)
+        self.links.allreduce_everyone(sq)
         return math.sqrt(float(sq))
 
     # -- hooks for the roles ----------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
+        pass
+
+    def step_level_bytes(self) -> Dict[str, float]:
+        """Bytes this worker's collectives sent this step, by level (``parallel.hierarchy``)."""
+        return {}
+
+    def residual_parts(self) -> list:
+        """Gradient compression's residuals this worker holds (``runtime.residuals``)."""
+        return []
+
+    def load_residuals(self, parts, nodes: set) -> None:
         pass
 
     def end_micro_batches(self) -> WorkerStepResult:
@@ -133,6 +187,11 @@ class Role:
     def norm_parameters(self):
         """Parameters whose gradients this worker counts in the global norm (each once overall)."""
         return self.module.parameters()
+
+    def sharded_parameters(self) -> list:
+        """Parameters this worker holds a shard of (its heads or experts): what it sums with its
+        counterparts in the other replicas."""
+        return list(self.module.parameters())
 
     # -- state by global name ---------------------------------------------------------------
 

@@ -24,7 +24,9 @@ other to take an older message).
   block: at paper scale a chunk is one stand-in row, and a message per chunk made the host's
   per-message cost (gloo and Python, on cores shared by every emulated GPU) the step
   (``bench/RESULTS.md``). A block arrives on the host at once, so the MoE pool computes it as
-  one batch, while each chunk's modelled device time is still queued as it arrives.
+  one batch, while each chunk's modelled device time is still queued as it arrives. A chunk's
+  stamp carries its ready time on the sender's modelled device clock too, which the receiver's
+  device advances by (``ModelledDevice.arrived``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import torch
 
 from ma_ray.runtime.device import sleep_until
 
-_STAMP_BYTES = 16  # two float64s a chunk: ready at (wall clock, shared by one host's processes), bytes
+# Three float64s a chunk: ready at (wall clock, shared by one host's processes), ready at on the
+# sender's modelled device clock (``runtime.device``), bytes.
+_STAMP_BYTES = 24
 
 
 class ChunkTransport:
@@ -122,30 +126,37 @@ class ChunkOutbox:
 
 class ModelledBlockTransport(ChunkTransport):
     def __init__(self, links, max_in_flight: int, chunk_rows: int,
-                 link_bytes_per_s: Callable[[int], float], ready_at: Callable[[], float]):
+                 link_bytes_per_s: Callable[[int], float], ready_at: Callable[[], Tuple[float, float]],
+                 arrived: Callable[[float, float], None] = lambda sent, link_s: None):
         """``link_bytes_per_s(src_gpu)``: the modelled inbound bandwidth from ``src_gpu``;
-        ``ready_at()``: when the data a message carries exists on the modelled device."""
+        ``ready_at()``: when the data a message carries exists on the modelled device, (wall
+        clock, device clock) (``runtime.device.Ready``); ``arrived(sent, link_s)``: a chunk
+        ready at ``sent`` on its sender's device clock took ``link_s`` over the inbound link
+        (``ModelledDevice.arrived``)."""
         super().__init__(links, max_in_flight, chunk_rows)
         self.link_bytes_per_s = link_bytes_per_s
         self.ready_at = ready_at
+        self.arrived = arrived
         self._link_free = 0.0
 
     def send(self, tensor: torch.Tensor, dst_gpu: int, nbytes: float = 0.0):
-        return self.post_block(dst_gpu, [tensor], [(self.ready_at(), float(nbytes))])
+        return self.post_block(dst_gpu, [tensor], [(*self.ready_at(), float(nbytes))])
 
     def outbox(self, chunks_per_dst: Dict[int, int]) -> "BlockOutbox":
         return BlockOutbox(self, chunks_per_dst)
 
-    def post_block(self, dst_gpu: int, chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, float]]):
+    def post_block(self, dst_gpu: int, chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, ...]]):
         return self.links.isend(pack_block(chunks, stamps), dst_gpu)
 
     def receive_blocks(self, blocks: Sequence[Tuple[int, List[torch.Tensor]]], waiting) -> Iterator[torch.Tensor]:
         messages = [(src, bufs, _landing(bufs)) for src, bufs in blocks if bufs]
         for src, bufs, landing in self._arrived(messages, waiting):
-            for buf, (ready, nbytes) in zip(bufs, unpack_block(landing, bufs)):
-                self._link_free = max(ready, self._link_free) + nbytes / self.link_bytes_per_s(src)
+            for buf, (ready, ready_clock, nbytes) in zip(bufs, unpack_block(landing, bufs)):
+                link_s = nbytes / self.link_bytes_per_s(src)
+                self._link_free = max(ready, self._link_free) + link_s
                 with waiting():
                     sleep_until(self._link_free, time.time)
+                self.arrived(ready_clock, link_s)
                 yield buf
 
     def compute_batches(self, chunks: Sequence) -> List[List]:
@@ -172,24 +183,26 @@ class BlockOutbox:
     def put(self, chunk: torch.Tensor, dst_gpu: int, nbytes: float, ready_at) -> List:
         t = self.transport
         held = self._held.setdefault(dst_gpu, [])
-        held.append((chunk, (t.ready_at() if ready_at is None else ready_at, float(nbytes))))
+        held.append((chunk, (*(t.ready_at() if ready_at is None else ready_at), float(nbytes))))
         if len(held) < self.expected[dst_gpu]:
             return []
         del self._held[dst_gpu]
         return [t.post_block(dst_gpu, [c for c, _ in held], [s for _, s in held])]
 
 
-def pack_block(chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, float]]) -> torch.Tensor:
-    """One modelled message on the chunks' device: the chunks' bytes, then a (ready at, bytes)
-    float64 pair per chunk (made on that device too: no tensor of another device is joined)."""
+def pack_block(chunks: Sequence[torch.Tensor], stamps: Sequence[Tuple[float, ...]]) -> torch.Tensor:
+    """One modelled message on the chunks' device: the chunks' bytes, then a stamp of float64s
+    per chunk, all of one width ((ready at, ready at on the device clock, bytes) from the
+    transport), made on that device too: no tensor of another device is joined."""
     device = chunks[0].device
     stamp = torch.tensor(stamps, dtype=torch.float64, device=device).view(-1).view(torch.uint8)
     return torch.cat([c.contiguous().view(-1).view(torch.uint8) for c in chunks] + [stamp])
 
 
 def unpack_block(landing: torch.Tensor, bufs: Sequence[torch.Tensor]) -> List[List[float]]:
-    """Fill ``bufs`` from a ``pack_block`` message; returns its stamps, [ready at, bytes] each,
-    read back to the host."""
+    """Fill ``bufs`` from a ``pack_block`` message; returns its stamps, a list of floats each
+    (their width is what the message's bytes past the chunks leave per chunk), read back to the
+    host."""
     offset = 0
     for buf in bufs:
         size = buf.numel() * buf.element_size()
@@ -197,7 +210,7 @@ def unpack_block(landing: torch.Tensor, bufs: Sequence[torch.Tensor]) -> List[Li
         offset += size
     # A copy on the host: the stamps start wherever the chunks end, and float64 views need 8-byte
     # alignment.
-    return landing[offset:].to("cpu", copy=True).view(torch.float64).view(-1, 2).tolist()
+    return landing[offset:].to("cpu", copy=True).view(torch.float64).view(len(bufs), -1).tolist()
 
 
 def _landing(bufs: Sequence[torch.Tensor]) -> torch.Tensor:

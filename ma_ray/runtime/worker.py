@@ -20,18 +20,24 @@ import ray
 import torch
 
 from ma_ray.comm.backend import backend_for_device
+from ma_ray.comm.compression import CompressionSettings
+from ma_ray.comm.cross_node import cross_node_reducer
 from ma_ray.comm.cpu_backend import ensure_registered
 from ma_ray.parallel.emulation import compute_setup
+from ma_ray.runtime import residuals
 from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.device import ModelledDevice, RealDevice
 from ma_ray.runtime.links import Links, worker_name
-from ma_ray.runtime.checkpoint import read_shard_index, shard_file
+from ma_ray.runtime.checkpoint import CheckpointError, file_digest, read_shard_index, shard_file, storage_error
 from ma_ray.runtime.migration import (TENSOR_KEYS, from_wire, names_of, owned_names, payload_bytes, restrict,
                                       to_wire)
 from ma_ray.runtime.moe_role import MoERole
 from ma_ray.runtime.step_metrics import WorkerStepResult
+from ma_ray.runtime.timing import COMPRESSION
 from ma_ray.runtime.transport import ChunkTransport, ModelledBlockTransport
 from ma_ray.runtime.worker_group import ONE_TO_ALL, PER_SLOT, dispatch
+
+LOOPBACK = "127.0.0.1"
 
 
 class Worker:
@@ -47,13 +53,18 @@ class Worker:
 
     @dispatch(PER_SLOT, "set-up")
     def become(self, cfg, plan, slot, job: str, generation: int, dataset,
-               state_parts: Sequence = (), checkpoint: Optional[str] = None, carry: bool = False) -> dict:
+               state_parts: Sequence = (), checkpoint: Optional[str] = None, carry: bool = False,
+               residual_parts: Sequence = ()) -> dict:
         """Be the worker of ``plan`` at ``slot`` (node, local GPU): join the plan's groups, build
         the role, and fill its state: with ``carry`` (a change of split), what this worker's
         current role holds of the new one's names stays in place and ``state_parts``,
-        ``(source slot, reference)`` pairs of ``export_for`` payloads, bring the rest; from a
-        checkpoint folder, only the names it holds; with neither, from the seed. The answer
-        says how many bytes came from where (``loaded_bytes``: source worker or shard -> bytes)."""
+        ``(source slot, reference)`` pairs of ``export_for`` payloads, bring the rest, and
+        ``residual_parts``, pairs of ``export_residuals`` payloads, gradient compression's
+        residuals; from a checkpoint folder, only the names it holds and its node's residuals;
+        with neither, from the seed. The answer says how many bytes came from where
+        (``loaded_bytes``: source worker or shard -> bytes). ``plan``: any replica's; the
+        worker runs its slot's replica's."""
+        plan = plan.replica_at(slot)
         old = self.role if carry else None
         if old is not None and old.me.is_attention != plan.at_slot(slot).is_attention:
             old.release()  # a role of the other pool keeps nothing: free it before the new one is built
@@ -61,34 +72,55 @@ class Worker:
         self.close()
         ensure_registered()
         modelled = cfg.emulation.modelled_compute
+        device_clock = modelled and cfg.emulation.device_clock
         # The plan and the waits follow ``cfg``; the tensors, what the workers compute with.
         cfg, durations = compute_setup(cfg)
         self.cfg = cfg
         me = plan.at_slot(slot)
         timeout = cfg.comm.synchronization_timeout_ms
         backend = backend_for_device(cfg.comm.backend, self.torch_device)
+        c = cfg.comm
+        device = ModelledDevice(self.torch_device, keep_clock=device_clock) if modelled else RealDevice(
+            self.torch_device, c.attention_stream_priority if me.is_attention else c.moe_stream_priority)
+        reducer = cross_node_reducer(c.gradient_compression,
+                                     CompressionSettings(c.sparsification_ratio, c.quantization_bits,
+                                                         c.compression_block_size),
+                                     timed=lambda: device.compute(COMPRESSION),
+                                     warmup_steps=c.compression_warmup_steps)
+        # An emulated cluster is this machine: its groups listen on loopback only.
         self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000), backend,
-                           strict=cfg.comm.strict_nccl)
+                           strict=c.strict_nccl, hierarchical=c.hierarchical_allreduce, reducer=reducer,
+                           listen_host=LOOPBACK if cfg.cluster.fake_gpus else None)
+        if device_clock and me.is_attention:  # the pool's collectives start at its latest member's clock
+            device.pool_clock = lambda mine: self.links.pool_max(mine, self.torch_device)
         s = cfg.schedule
         # Rows per transferred chunk: communication_chunk_size tokens at the configured shapes.
         chunk_rows = max(1, round(s.communication_chunk_size / durations.token_scale))
         if modelled:
-            device = ModelledDevice(self.torch_device)
             transport = ModelledBlockTransport(
                 self.links, s.max_concurrent_communications, chunk_rows,
-                lambda src: durations.bandwidth(plan.gpus[src].node == me.node), device.ready_at)
+                lambda src: durations.bandwidth(plan.gpus[src].node == me.node), device.ready_at, device.arrived)
         else:
-            device = RealDevice(self.torch_device)
             transport = ChunkTransport(self.links, s.max_concurrent_communications, chunk_rows)
         if me.is_attention:
             self.role = AttentionRole(cfg, plan, me, self.links, device, transport, durations, dataset)
         else:
             self.role = MoERole(cfg, plan, me, self.links, device, transport, durations)
         loaded: Dict[str, int] = {}
+        # Residuals are summed over every replica's nodes (runtime.links: the replicated
+        # gradients' all-reduce spans them), so a node of any replica may take a lost node's.
+        attention_nodes = [g.node for copy in plan.replica_plans() for g in copy.attention_workers()]
         if checkpoint is not None:
             self.role.load_state(_read_checkpoint(checkpoint, names_of(cfg, me), loaded))
+            nodes = residuals.taken_nodes(me.node, attention_nodes, attention_nodes[0],
+                                          residuals.old_nodes_in(Path(checkpoint)))
+            self.role.load_residuals(residuals.read(Path(checkpoint), nodes) if me.is_attention else [], nodes)
         elif carry:
             self.role.load_state(_fetched(state_parts, loaded), keep=old)
+            nodes = residuals.taken_nodes(me.node, attention_nodes, attention_nodes[0],
+                                          {src[0] for src, _ in residual_parts})
+            self.role.load_residuals([part for src, ref in residual_parts if src[0] in nodes and me.is_attention
+                                      for part in ray.get(ref)], nodes)
         else:
             self.role.initialize()
         del old
@@ -105,6 +137,11 @@ class Worker:
         payloads = tuple(to_wire(self.role.state_views(set(s.names))) for s in shipments)
         return payloads[0] if len(payloads) == 1 else (payloads or None)
 
+    @dispatch(ONE_TO_ALL, "residual export", blocking=False, num_returns=lambda: 1)
+    def export_residuals(self) -> list:
+        """Gradient compression's residuals this worker holds, as ``runtime.residuals`` parts."""
+        return self.role.residual_parts()
+
     @dispatch(ONE_TO_ALL, "train step")
     def train_step(self, step: int) -> WorkerStepResult:
         return self.role.train_step(step)
@@ -114,20 +151,34 @@ class Worker:
         return self.role.export(which, key)
 
     @dispatch(ONE_TO_ALL, "checkpoint save")
-    def save_shard(self, folder: str) -> int:
-        """Write the state this worker is the single source of into ``folder``; returns bytes.
+    def save_shard(self, folder: str) -> list:
+        """Write the state this worker is the single source of into ``folder``; returns a record
+        per file written (``checkpoint.save``): the shard's and, with gradient compression, its
+        residuals' (``runtime.residuals``), each with its path in the folder, tensor bytes, file
+        bytes and SHA-256.
         Views are written as they are: ``torch.save`` writes each storage once, and the names a
         worker owns cover its storages whole, so nothing is cloned on the way."""
         me = self.role.me
-        state = self.role.state_views(owned_names(self.cfg, me))
-        if self.torch_device.type != "cpu":
+        # Every replica holds the same state: replica 0 writes it; each writes its residuals.
+        state = self.role.state_views(owned_names(self.cfg, me)) if self.role.plan.replica == 0 else None
+        if state is not None and self.torch_device.type != "cpu":
             state = {**{key: {n: t.to("cpu") for n, t in state[key].items()} for key in TENSOR_KEYS},
                      "optimizer_steps": state["optimizer_steps"]}
         path = Path(folder) / shard_file(worker_name(me.node, me.local_gpu))
         tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return payload_bytes(state)
+        written = []
+        try:
+            if state is not None:
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+                written.append((path, payload_bytes(state)))
+            residual = residuals.save(Path(folder), me.node, me.local_gpu, self.role.residual_parts())
+        except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for a full disk
+            raise storage_error(path, exc) from None
+        if residual is not None:
+            written.append(residual)
+        return [{"file": file.relative_to(folder).as_posix(), "bytes": tensor_bytes, "file_bytes": file.stat().st_size,
+                 "sha256": file_digest(file)} for file, tensor_bytes in written]
 
     @dispatch(ONE_TO_ALL, "close")
     def close(self) -> None:
@@ -158,7 +209,13 @@ def _read_checkpoint(folder: str, names, loaded: Dict[str, int]) -> Iterator[dic
     else:
         shards = [Path(folder) / f for f, held in sorted(index.items()) if names.intersection(held)]
     for path in shards:
-        part = restrict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), names)
+        try:
+            whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - torch's errors for a bad file are many and long
+            text = str(exc).strip()
+            raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: "
+                                  f"{text.splitlines()[0] if text else ''})") from None
+        part = restrict(whole, names)
         if any(part[key] for key in TENSOR_KEYS):
             loaded[path.name] = payload_bytes(part)
             yield part

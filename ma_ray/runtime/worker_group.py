@@ -35,7 +35,14 @@ _ATTR = "_ma_ray_dispatch"
 
 
 class WorkerCallFailed(MaRayError, RuntimeError):
-    """A group call failed on some workers; the message names each and its first error line."""
+    """A group call failed on some workers; the message names each and its first error line.
+    ``operation`` is the call's label and ``failures`` maps each failed worker (as ``describe``
+    names it) to its first error line, for the failure's record."""
+
+    def __init__(self, message: str, operation: str = "", failures: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.operation = operation
+        self.failures = dict(failures or {})
 
 
 def dispatch(mode: str, label: str, blocking: bool = True, num_returns: Optional[Callable[..., int]] = None):
@@ -63,11 +70,14 @@ class WorkerGroup:
     per declared worker method. ``describe(slot)`` names a slot's worker in errors."""
 
     def __init__(self, worker_cls: type, pg, slots: Sequence[Tuple[int, int]], timeout_s: float, grace_s: float,
-                 describe: Callable[[Tuple[int, int]], str], actor_args: tuple = ()):
+                 describe: Callable[[Tuple[int, int]], str], actor_args: tuple = (), settle_s: float = 0.0):
         """``timeout_s``: the deadline of a call; ``grace_s``: how much longer the others get
-        once one worker has failed (its peers' collectives with it time out within that)."""
+        once one worker has failed (its peers' collectives with it time out within that);
+        ``settle_s``: how much longer a call whose deadline passed with no worker failed yet
+        waits for the first failure, so that a stalled worker's peers, whose own timeouts fire
+        within it, say which one they waited for."""
         self.slots = list(slots)
-        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.timeout_s, self.grace_s, self.settle_s = timeout_s, grace_s, settle_s
         self.describe = describe
         remote_cls = ray.remote(worker_cls)
         self.actors = {
@@ -108,10 +118,14 @@ class WorkerGroup:
         slot_of = {ref: slot for slot, ref in refs.items()}
         pending: List = list(refs.values())
         results, failures = {}, {}
+        settled = False
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                break
+                if failures or settled or not self.settle_s:
+                    break
+                settled, deadline = True, deadline + self.settle_s
+                continue
             slot = slot_of[ready[0]]
             try:
                 results[slot] = ray.get(ready[0])
@@ -119,10 +133,14 @@ class WorkerGroup:
                 failures[slot] = first_line(exc)
                 deadline = min(deadline, time.monotonic() + self.grace_s)
         for ref in pending:
-            failures[slot_of[ref]] = f"no answer within {time.monotonic() - started:.0f} s"
+            failures[slot_of[ref]] = f"no answer within {time.monotonic() - started:.0f} s (a stall)"
+            # A call still queued behind a stuck one never runs; one already running on a stalled
+            # worker cannot be interrupted (sync actors): the caller kills the group.
+            ray.cancel(ref)
         if failures:
-            listed = "; ".join(f"{self.describe(slot)}: {why}" for slot, why in sorted(failures.items()))
-            raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}")
+            named = {self.describe(slot): why for slot, why in sorted(failures.items())}
+            listed = "; ".join(f"{who}: {why}" for who, why in named.items())
+            raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}", what, named)
         return results
 
     def kill(self) -> None:

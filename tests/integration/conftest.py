@@ -10,6 +10,7 @@ cluster of a ``ma-ray train`` it starts itself, so it runs first, before the sha
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import ray
@@ -19,16 +20,24 @@ from ma_ray.comm.cpu_backend import STRICT_ENV
 from ma_ray.runtime.cluster import connect
 
 os.environ.setdefault(STRICT_ENV, "1")  # before any Ray starts: its workers and subprocesses inherit it
+# Gauges reach the node's /metrics within a second instead of ten (test_job_identity scrapes them).
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 LOCAL = "cluster/local-cpu.yaml"
 RUN_FIRST = ("test_live_job.py",)  # attach to another cluster
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """The shared emulated cluster, with a Prometheus endpoint (``cluster.metrics_export_port``)."""
     if not ray.is_initialized():
-        connect(C.load(LOCAL).cluster, num_cpus=2)
+        connect(C.load(LOCAL, [f"cluster.metrics_export_port={free_port()}"]).cluster, num_cpus=2)
     yield
     ray.shutdown()
 

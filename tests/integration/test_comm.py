@@ -180,12 +180,140 @@ def test_uneven_allgather_reducescatter_and_async(peers):
         assert x == [6.0] * 8
 
 
+@pytest.mark.parametrize("per_node", [(2, 3), (1, 2, 2), (3,)])
+def test_two_level_aggregation_equals_one_level(peers, per_node):
+    """comm.aggregation's two levels against the one-level ring, on nodes with unequal GPUs (a
+    GPU of the smaller node holds two pieces), a node with one GPU, and one node. Integer-valued
+    fp64 data, so any summation order is exact and the results must be equal, bit for bit."""
+    from ma_ray.parallel.hierarchy import TwoLevelLayout
+
+    members = list(range(sum(per_node)))
+    starts = [sum(per_node[:i]) for i in range(len(per_node))]
+    layout = TwoLevelLayout(nodes=tuple(tuple(range(s, s + n)) for s, n in zip(starts, per_node)),
+                            node_ids=tuple(range(len(per_node))))
+    prefix = f"agg{len(per_node)}{sum(per_node)}"
+    form(peers, f"{prefix}-flat", members, strict=True)
+    groups_of = {r: layout.groups_to_join(r) for r in members}
+
+    def join_levels(index, layout, prefix, specs):
+        from ma_ray.comm import create_group
+        for suffix, ranks, rank in specs[index]:
+            create_group(f"{prefix}-{suffix}", [name_of(r) for r in ranks], rank, strict=True)
+        return [f"{prefix}-{suffix}" for suffix, _, _ in specs[index]]
+
+    names = on(peers, members, join_levels, layout, prefix, groups_of)
+
+    def aggregate(index, layout, prefix, k):
+        from ma_ray.comm.aggregation import FlatAggregation, TwoLevelAggregation
+        from ma_ray.parallel.hierarchy import INTER_NODE, INTRA_NODE
+
+        sizes = [3, 0, 5, 2, 4][:k]  # uneven token slices, one empty
+        g = torch.Generator().manual_seed(index)
+        local = torch.randint(-50, 50, (sizes[index], 4), generator=g).double()
+        full = torch.randint(-50, 50, (sum(sizes), 4), generator=g).double()
+        flat_vec = torch.randint(-50, 50, (23,), generator=g).double()
+        out = {}
+        for name, agg in (("flat", FlatAggregation(f"{prefix}-flat", k, one_node=False)),
+                          ("two", TwoLevelAggregation(layout, index, prefix))):
+            vec = flat_vec.clone()
+            agg.allreduce(vec)
+            out[name] = (agg.gather_tokens(local, sizes), agg.scatter_tokens(full, sizes), vec)
+            out[name + "_bytes"] = (agg.level_bytes[INTRA_NODE], agg.level_bytes[INTER_NODE])
+        same = all(torch.equal(a, b) for a, b in zip(out["flat"], out["two"]))
+        return same, [t.shape[0] for t in out["two"][:2]], out["flat_bytes"], out["two_bytes"]
+
+    results = on(peers, members, aggregate, layout, prefix, len(members))
+    sizes = [3, 0, 5, 2, 4][:len(members)]
+    for rank, (same, shapes, flat_bytes, two_bytes) in enumerate(results):
+        assert same, f"rank {rank}: two levels differ from one"
+        assert shapes == [sum(sizes), sizes[rank]]
+        if len(per_node) > 1:  # across nodes, two levels send less over the network than a ring
+            assert two_bytes[1] < flat_bytes[1]
+
+    def leave_levels(index, names):
+        from ma_ray.comm import destroy_group
+        for name in names[index]:
+            destroy_group(name)
+
+    on(peers, members, leave_levels, names)
+    disband(peers, f"{prefix}-flat", members)
+
+
+def test_compressed_cross_node_level_sums_what_every_node_sent(peers):
+    """comm.cross_node on two nodes of 2 and 3 GPUs: bf16 sums to bf16's rounding; top-k at ratio 1
+    to 8-bit quantisation's; at ratio 0.25 every GPU of the pool gets the same sum, and what the
+    nodes did not send stays in their residuals (decoded sum + residuals = the exact sum)."""
+    from ma_ray.parallel.hierarchy import TwoLevelLayout
+
+    members = list(range(5))
+    layout = TwoLevelLayout(nodes=((0, 1), (2, 3, 4)), node_ids=(0, 1))
+    prefix = "cmp"
+    groups_of = {r: layout.groups_to_join(r) for r in members}
+
+    def join_levels(index, prefix, specs):
+        from ma_ray.comm import create_group
+        for suffix, ranks, rank in specs[index]:
+            create_group(f"{prefix}-{suffix}", [name_of(r) for r in ranks], rank, strict=True)
+        return [f"{prefix}-{suffix}" for suffix, _, _ in specs[index]]
+
+    names = on(peers, members, join_levels, prefix, groups_of)
+
+    def reduce_all(index, layout, prefix):
+        from ma_ray.comm.aggregation import TwoLevelAggregation
+        from ma_ray.comm.compression import CompressionSettings
+        from ma_ray.comm.cross_node import cross_node_reducer
+
+        vectors = [torch.randn(300, generator=torch.Generator().manual_seed(r), dtype=torch.float64) for r in range(5)]
+        exact = torch.stack(vectors).sum(0)
+        out = {}
+        for kind, ratio in (("bf16", 0.1), ("topk", 1.0), ("topk", 0.25)):
+            reducer = cross_node_reducer(kind, CompressionSettings(ratio, 8, 64))
+            agg = TwoLevelAggregation(layout, index, prefix, reducer)
+            flat = vectors[index].clone()
+            agg.allreduce(flat)
+            residual = torch.zeros(300, dtype=torch.float64)
+            for piece, r in agg.held_ranges(300).items():
+                if piece in reducer.residuals():
+                    residual[r.start:r.stop] = reducer.residuals()[piece]
+            out[f"{kind}{ratio}"] = (float((flat - exact).abs().max() / exact.abs().max()), flat, residual)
+        return out
+
+    results = on(peers, members, reduce_all, layout, prefix)
+    exact = torch.stack([torch.randn(300, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+                         for r in range(5)]).sum(0)
+    for r in results:
+        assert r["bf160.1"][0] < 2 ** -7
+        assert r["topk1.0"][0] < 2 / 127  # each node's values to half a step of its block's scale
+    sparse = [r["topk0.25"][1] for r in results]
+    assert all(torch.equal(s, sparse[0]) for s in sparse)  # one sum on every GPU of the pool
+    # The nodes' residuals are held once per node, by the GPUs holding each piece: their sum and
+    # the decoded sum give back the exact sum.
+    residuals = sum(r["topk0.25"][2] for r in results)
+    assert torch.allclose(sparse[0] + residuals, exact, atol=1e-9)
+    assert float((sparse[0] - exact).abs().max()) > 1e-3  # and it was compressed
+
+    def leave_levels(index, names):
+        from ma_ray.comm import destroy_group
+        for name in names[index]:
+            destroy_group(name)
+
+    on(peers, members, leave_levels, names)
+
+
 def test_teardown_and_rebuild_with_other_membership(peers):
     def store_of(index, name):
         import ray.util.collective as col
         return col.get_group_handle(name).store_address
 
     host, port = on(peers, [LAYOUT["A"][0]], store_of, "A")[0]
+
+    def listening_on(index, port):
+        import psutil
+        return sorted({c.laddr.ip for c in psutil.Process().net_connections(kind="tcp")
+                       if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+
+    # The store listens on the node's Ray address only, not on every interface.
+    assert on(peers, [LAYOUT["A"][0]], listening_on, port)[0] == [host]
     for name, indices in LAYOUT.items():
         disband(peers, name, indices)
     # Rank 0 no longer serves the old store.
@@ -287,22 +415,40 @@ def test_missing_member_bounds_group_creation(peers):
 
 def test_dead_peer_fails_fast_with_a_named_error(peers):
     form(peers, "D", [0, VICTIM], timeout_ms=1000)
+    form(peers, "D-p2p", [0, VICTIM], timeout_ms=1000)
+    form(peers, "D-strict", [0, VICTIM], timeout_ms=1000, strict=True)
     ray.kill(peers[VICTIM])
 
     def after_death(index):
-        from ma_ray.comm import allreduce
+        from ma_ray.comm import allreduce, irecv, isend
         time.sleep(0.5)  # let the kill land
-        t0 = time.monotonic()
-        try:
-            allreduce(torch.ones(1), "D")
-        except CommError as exc:
-            return str(exc), time.monotonic() - t0
-        return None
+        # gloo's send and recv touch the closed connection at once, before there is a Work to
+        # wait on: that failure must come out named too, not as gloo's bare RuntimeError.
+        ops = {"allreduce": lambda: allreduce(torch.ones(1), "D"),
+               "send": lambda: isend(torch.ones(2), 1, "D-p2p").wait(),
+               "recv": lambda: irecv(torch.zeros(2), 1, "D-p2p").wait(),
+               "strict send": lambda: isend(torch.ones(2), 1, "D-strict").wait()}
+        out = {}
+        for name, op in ops.items():
+            t0 = time.monotonic()
+            try:
+                op()
+                out[name] = None
+            except CommError as exc:
+                out[name] = (str(exc), time.monotonic() - t0)
+        return out
 
-    msg, elapsed = on(peers, [0], after_death)[0]
-    assert "allreduce(SUM) in group 'D' (worker peer-0, rank 0 of 2)" in msg
-    assert elapsed < 4.0
+    out = on(peers, [0], after_death)[0]
+    assert all(v is not None for v in out.values()), out
+    assert "allreduce(SUM) in group 'D' (worker peer-0, rank 0 of 2)" in out["allreduce"][0]
+    assert "send to rank 1 (peer-4) in group 'D-p2p' (worker peer-0, rank 0 of 2)" in out["send"][0]
+    # The send broke the group: the recv after it fails fast, naming the failure before.
+    assert "the group is broken by an earlier failure (send to rank 1 (peer-4))" in out["recv"][0]
+    assert "send #1 to rank 1 (peer-4) (2 x float32) in group 'D-strict'" in out["strict send"][0]
+    assert all(elapsed < 4.0 for _, elapsed in out.values()), out
     disband(peers, "D", [0])
+    disband(peers, "D-p2p", [0])
+    disband(peers, "D-strict", [0])
 
 
 def test_strict_mode_completes_a_matched_exchange_and_names_a_deadlock(peers):

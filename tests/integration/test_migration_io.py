@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -235,7 +234,8 @@ def test_rebalance_ships_only_what_moves_and_leaves_no_actors_behind(local_cfg):
     """The local preset, 12 -> 10 (experts move to two GPUs that become MoE workers, heads shift)
     and 10 -> 13 (three become attention workers): every receiver gets exactly the bytes of the
     names the plan diff moves to it. Before the first rebalance, stand-ins of the rendezvous
-    actors Ray's NCCL groups create per pair (named as Ray names them) stand for the old groups';
+    actors Ray's NCCL groups create per pair and per collective group (named as Ray names them,
+    in the world group and the attention pool's two levels) stand for the old groups';
     the rebalance removes them with the groups, so the count of named actors is as it was."""
     actors_before_job = named_actors()
     job = TrainingJob(local_cfg, build_dataset(local_cfg), torch_threads=1)
@@ -244,7 +244,8 @@ def test_rebalance_ships_only_what_moves_and_leaves_no_actors_behind(local_cfg):
         actors_with_job = named_actors()
         world = f"{job.name}-g0-world"
         stores = [StandInStore.options(name=nccl_store_name(key, group), lifetime="detached", num_cpus=0).remote()
-                  for key, group in (("3_0:7_0", world), ("1_0:2_0", f"{job.name}-g0-attn"), ("0", world))]
+                  for key, group in (("3_0:7_0", world), ("1_0:2_0", f"{job.name}-g0-attn-node0"),
+                                     ("0", f"{job.name}-g0-attn-x1"))]
         ray.get([s.__ray_ready__.remote() for s in stores])
         assert len(named_actors()) == len(actors_with_job) + 3
         figures = []
@@ -396,7 +397,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ma_ray.runtime.cluster import connect
     cfg = C.load(args.config, args.set)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(cfg.cluster, num_cpus=2)
     root = Path(args.out)
     figures = measure(cfg, args.k_from, args.k_to, root)

@@ -122,6 +122,14 @@ def test_dead_worker_fails_the_step_with_a_named_error():
     job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
     try:
         job.step(0)
+
+        def store_hosts(worker):
+            import ray.util.collective as col
+            return {col.get_group_handle(name).store_address[0] for name in worker.links._names}
+
+        # An emulated cluster is one machine: its groups' stores listen on loopback only.
+        hosts = ray.get([a.__ray_call__.remote(store_hosts) for a in job.workers.actors.values()])
+        assert set().union(*hosts) == {"127.0.0.1"}, hosts
         victim = job.plan.moe_workers()[0]
         ray.kill(job.workers.actors[victim.slot])
         t0 = time.monotonic()
@@ -144,6 +152,22 @@ def test_rebalance_across_role_changes_matches_reference():
     moves = [(m["before_step"], m["attention_gpus"], m["role_changes"]) for m in report["migrations"]]
     assert moves == [(1, 2, 2), (3, 5, 3)]
     assert all(m["pause_s"] > 0 and m["moved_heads"] > 0 and m["moved_experts"] > 0 for m in report["migrations"])
+
+
+@pytest.mark.parametrize("hierarchical, splits", [(True, list(range(8, 15))), (False, [8, 14])])
+def test_splits_of_4x4_match_reference_in_two_levels_and_one(hierarchical, splits):
+    """Splits 8 to 14 on 4 x 4 (nodes with 2, 2, 2, 2 ... 3, 3, 4, 4 attention GPUs), one
+    rebalance a step across role changes, two micro-batches in flight, small chunks, the
+    attention pool's collectives in two levels (comm.aggregation); one level, whose ring does not
+    depend on how nodes are filled, at the two ends."""
+    cfg = C.load(LOCAL, ["data.kind=synthetic", "model.num_layers=1", "schedule.micro_batches_in_flight=2",
+                         "schedule.communication_chunk_size=16", "train.batch_size=4",
+                         "train.gradient_accumulation_steps=2", "train.micro_batch_size=2",
+                         f"comm.hierarchical_allreduce={str(hierarchical).lower()}"])
+    report = verify(cfg, attention_gpus=splits[0], steps=len(splits),
+                    rebalances={step: k for step, k in enumerate(splits) if step})
+    assert report["ok"], report
+    assert [m["attention_gpus"] for m in report["migrations"]] == splits[1:]
 
 
 def test_activation_checkpointing_matches_reference():
@@ -170,11 +194,12 @@ def test_local_preset_trains_in_bf16_with_activation_checkpointing():
     cfg = C.load(LOCAL, ["train.mixed_precision=bf16", "train.activation_checkpointing=true"])
     job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
     try:
-        losses = [job.step(step).loss for step in range(8)]
+        losses = [job.step(step).loss for step in range(5)]
     finally:
         job.shutdown()
     assert all(math.isfinite(x) for x in losses), losses
-    # ln 256 = 5.55 is the uniform guess; byte-level text falls well below it within 8 steps.
+    # ln 256 = 5.55 is the uniform guess; byte-level text falls well below it within 5 steps
+    # (5.63 to 4.97 here, 4.33 at step 7).
     assert losses[0] > 5.0 and losses[-1] < losses[0] - 0.5, losses
 
 

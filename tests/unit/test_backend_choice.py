@@ -72,3 +72,13 @@ def test_this_process():
     else:
         with pytest.raises(ConfigError, match=r"^comm\.backend: nccl needs cupy on the worker"):
             backend_for_device("nccl", "cuda")
+
+
+@pytest.mark.parametrize("priority_range", [(0, -5), (0, -1)])
+def test_stream_priorities_map_high_to_cudas_greatest_and_normal_to_its_default(priority_range):
+    from ma_ray.runtime.device import cuda_priority
+    least, greatest = priority_range
+    comm = CommConfig()
+    assert cuda_priority(comm.attention_stream_priority, priority_range) == greatest
+    assert cuda_priority(comm.moe_stream_priority, priority_range) == least
+    assert cuda_priority(7, priority_range) == least

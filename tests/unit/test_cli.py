@@ -71,6 +71,23 @@ def test_plan_other_split_and_config(capsys):
     assert sorted(h for g in local["gpus"] for h in g["heads"]) == list(range(16))
 
 
+def test_plan_shows_every_replicas_gpus(capsys):
+    data = plan_json(capsys, "--set", "cluster.replicas=2")
+    assert data["topology"] == {"num_nodes": 4, "gpus_per_node": 4, "replicas": 2}
+    gpus = data["gpus"]
+    assert [(g["replica"], g["gpu"]) for g in gpus] == [(r, i) for r in range(2) for i in range(16)]
+    for g0, g1 in zip(gpus[:16], gpus[16:]):  # counterparts: the same heads and experts, 4 nodes on
+        assert (g1["node"], g1["heads"], g1["experts"]) == (g0["node"] + 4, g0["heads"], g0["experts"])
+    code, out, err = run(capsys, "plan", "--set", "cluster.replicas=2")
+    assert code == 0 and err == "" and "Plan: 2 replicas" in out
+    rows = [l.split() for l in out.splitlines() if l[:8].strip().isdigit()]
+    assert len(rows) == 32 and rows[31][:5] == ["1", "15", "7", "3", "moe"]
+    code, out, err = run(capsys, "plan", "--set", "cluster.replicas=3")
+    assert code == 2 and out == "" and err == (
+        "ma-ray: error: cluster.replicas: 3 replicas cannot share the step's 16 micro-batches "
+        "(train.gradient_accumulation_steps) equally\n")
+
+
 def test_plan_table_in_process(capsys):
     code, out, err = run(capsys, "plan", "--config", str(LOCAL), "--attention-gpus", "8")
     assert code == 0 and err == ""
@@ -143,6 +160,7 @@ def test_run_commands_name_a_bad_asked_split(capsys, command):
     (["plan", "--config", "/nonexistent.yaml"], "config file not found"),
     (["plan", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--resume-step", "3"], "--resume-step: needs --resume DIR"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, expected):

@@ -148,7 +148,8 @@ def test_top_level_must_be_a_mapping(tmp_path):
 AT_LEAST_ONE = [
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.attention_head_size",
     "model.intermediate_size", "model.max_position_embeddings", "model.vocab_size", "moe.num_experts",
-    "moe.top_k", "cluster.num_nodes", "cluster.gpus_per_node", "balance.rebalancing_interval", "balance.min_attention_gpus",
+    "moe.top_k", "cluster.num_nodes", "cluster.gpus_per_node", "cluster.replicas", "balance.rebalancing_interval",
+    "balance.min_attention_gpus",
     "schedule.max_concurrent_communications", "schedule.communication_chunk_size", "schedule.micro_batches_in_flight",
     "comm.synchronization_timeout_ms", "comm.quantization_bits", "train.batch_size", "train.seq_length",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.checkpoint_interval",
@@ -281,6 +282,25 @@ def test_accumulation_steps_must_match():
         error_of(["train.gradient_accumulation_steps=8"])
 
 
+def test_the_time_coefficients_layout_must_hold_the_model():
+    assert ("balance.time_coef_layout: 12 attention GPUs exceed the 10 heads (model.num_attention_heads); set "
+            "balance.time_coef_layout to a layout of this model, or null for the configured one") in \
+        error_of(["model.num_attention_heads=10", "model.hidden_size=1280", "cluster.attention_gpus=9"])
+    assert "balance.time_coef_layout: needs [num_nodes, gpus_per_node, attention_gpus]" in \
+        error_of(["balance.time_coef_layout=[4, 4]"])
+
+
+def test_replicas_must_share_the_micro_batches_equally():
+    assert ("cluster.replicas: 3 replicas cannot share the step's 16 micro-batches "
+            "(train.gradient_accumulation_steps) equally") in error_of(["cluster.replicas=3"])
+    assert load(None, ["cluster.replicas=4"]).micro_batches_per_replica == 4
+
+
+def test_elastic_is_for_one_replica():
+    assert "train.elastic: going on with fewer nodes is built for one replica, not cluster.replicas=2" in \
+        error_of(["cluster.replicas=2", "train.elastic=true"])
+
+
 def test_seq_length_within_positions():
     assert "train.seq_length: 4096 exceeds model.max_position_embeddings (2048)" in \
         error_of(["train.seq_length=4096"])
@@ -314,7 +334,8 @@ def test_every_range_rule_has_a_test():
     assert listed["value > 0 and math.isfinite(value)"] == set(BANDWIDTHS)
 
 
-BANDWIDTHS = ["balance.migration_gb_per_s", "emulation.intra_node_gb_per_s", "emulation.inter_node_gb_per_s"]
+BANDWIDTHS = ["balance.migration_gb_per_s", "emulation.intra_node_gb_per_s", "emulation.inter_node_gb_per_s",
+              "emulation.compression_gb_per_s"]
 
 
 @pytest.mark.parametrize("key", BANDWIDTHS)
@@ -335,7 +356,7 @@ def test_check_split_names_the_key():
 
 
 def test_an_asked_split_replaces_the_configs_own():
-    ten_heads = ["model.num_attention_heads=10", "model.hidden_size=1280"]
+    ten_heads = ["model.num_attention_heads=10", "model.hidden_size=1280", "balance.time_coef_layout=null"]
     assert "cluster.attention_gpus: 12 attention GPUs exceed the 10 heads" in error_of(ten_heads)
     cfg = load(None, ten_heads, attention_gpus=9)
     assert cfg.cluster.attention_gpus == 9 and cfg.moe_gpus == 7
@@ -476,3 +497,26 @@ def test_worker_timeout_is_a_positive_finite_time(value):
     assert "control.worker_timeout_s: must be a positive number of seconds" in error_of(
         [f"control.worker_timeout_s={value}"])
     assert load(None, ["control.worker_timeout_s=30"]).control.worker_timeout_s == 30.0
+
+
+def test_compression_settings_are_checked():
+    assert "comm.quantization_bits: must be in 1..8, got 16" in error_of(["comm.quantization_bits=16"])
+    assert "comm.compression_block_size: must be in 1..65536 (offsets are 16-bit), got 70000" in \
+        error_of(["comm.compression_block_size=70000"])
+    assert "comm.gradient_compression: topk compresses the cross-node level of the two-level all-reduce; " \
+        "it needs comm.hierarchical_allreduce: true" in \
+        error_of(["comm.gradient_compression=topk", "comm.hierarchical_allreduce=false"])
+    assert "comm.gradient_compression" in error_of(["comm.gradient_compression=zip"])
+    assert "comm.compression_warmup_steps: must not be negative, got -1" in \
+        error_of(["comm.compression_warmup_steps=-1"])
+    assert "comm.compression_warmup_steps: expected an integer" in error_of(["comm.compression_warmup_steps=0.5"])
+    assert load(None).comm.compression_warmup_steps == 10000  # the paper preset's, 20 % of its run
+    assert load("cluster/local-cpu.yaml").comm.compression_warmup_steps == 50
+    assert load(None, ["comm.gradient_compression=bf16"]).comm.gradient_compression == "bf16"
+
+
+def test_stream_priorities_are_checked():
+    assert "comm.attention_stream_priority: must be 0 (high) or more (normal), got -1" in \
+        error_of(["comm.attention_stream_priority=-1"])
+    assert "comm.moe_stream_priority: must be 0 (high) or more (normal), got -2" in \
+        error_of(["comm.moe_stream_priority=-2"])

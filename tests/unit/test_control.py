@@ -296,6 +296,13 @@ def test_state_round_trips_through_json():
     resumed = StageTimePredictor(PAPER.replace(**{"cluster.attention_gpus": 10}))
     resumed.load_state_dict(json.loads(json.dumps(p.state_dict())))
     assert resumed.reference_split == 12 and resumed.predict(13) == p.predict(13)
+    # the same where the reference is the configured layout (balance.time_coef_layout null)
+    own = PAPER.replace(**{"balance.time_coef_layout": None})
+    anchored = StageTimePredictor(own)
+    observe_splits(anchored, truth, [12, 10], steps=30)
+    moved = StageTimePredictor(own.replace(**{"cluster.attention_gpus": 10}))
+    moved.load_state_dict(json.loads(json.dumps(anchored.state_dict())))
+    assert moved.reference_split == 12 and moved.predict(13) == anchored.predict(13)
     other = StageTimePredictor(FINE)
     with pytest.raises(ValueError, match="different job"):
         other.load_state_dict(p.state_dict())

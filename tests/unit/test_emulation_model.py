@@ -74,7 +74,7 @@ def test_block_framing_round_trips_any_row_size():
     """An emulated block's chunks and stamps come back exactly, also when a chunk's bytes are not
     a multiple of 8 (bf16 rows of 5 two-wide heads: 20 bytes), so the stamps start unaligned."""
     chunks = [torch.randn(n, 10).to(torch.bfloat16) for n in (3, 1, 2)]
-    stamps = [(1_790_000_000.123456, 1.5e6), (1_790_000_000.5, 0.0), (1_790_000_001.25, 3e9)]
+    stamps = [(1_790_000_000.123456, 0.5, 1.5e6), (1_790_000_000.5, 0.0, 0.0), (1_790_000_001.25, 7.75, 3e9)]
     message = pack_block(chunks, stamps)
     bufs = [torch.empty_like(c) for c in chunks]
     assert [tuple(s) for s in unpack_block(message, bufs)] == stamps
@@ -88,10 +88,10 @@ def test_block_framing_stays_on_the_chunks_device():
     refuses a meta tensor beside a CPU one, as it refuses a CUDA one), and the message has the
     size its landing buffer on the receiver has. The bytes themselves are checked on CPU above."""
     chunks = [torch.empty(n, 10, dtype=torch.bfloat16, device="meta") for n in (3, 1, 2)]
-    stamps = [(1_790_000_000.5, 1.5e6)] * 3
+    stamps = [(1_790_000_000.5, 0.25, 1.5e6)] * 3  # the transport's: wall clock, device clock, bytes
     message = pack_block(chunks, stamps)
     assert message.device.type == "meta" and message.dtype == torch.uint8
-    assert message.shape == (sum(c.numel() * 2 for c in chunks) + 16 * len(chunks),)
+    assert message.shape == (sum(c.numel() * 2 for c in chunks) + 24 * len(chunks),)
     landing = _landing([torch.empty_like(c) for c in chunks])
     assert landing.device.type == "meta" and landing.shape == message.shape
     with pytest.raises(RuntimeError):  # what the old framing did: CPU stamps beside device chunks

@@ -35,6 +35,7 @@ def make_cfg(**over):
         "balance.min_attention_gpus": 1, "balance.max_attention_gpus": 4,
         "train.seq_length": 8, "train.micro_batch_size": 3, "train.batch_size": 3,
         "train.gradient_accumulation_steps": 1, "train.mixed_precision": "fp32",
+        "balance.time_coef_layout": None,
     }
     base.update(over)
     return C.Config().replace(**base)

@@ -30,7 +30,7 @@ def tiny(num_nodes, gpus_per_node, heads, experts, attention_gpus, lo, hi):
         "model.num_attention_heads": heads, "model.attention_head_size": head_size,
         "model.hidden_size": heads * head_size, "model.intermediate_size": 32,
         "model.vocab_size": 64, "model.max_position_embeddings": 16, "train.seq_length": 16,
-        "moe.num_experts": experts,
+        "moe.num_experts": experts, "balance.time_coef_layout": None,
     })
 
 
@@ -80,6 +80,40 @@ def test_plan_lookups():
         plan.owner_of_expert(16)
     with pytest.raises(KeyError):
         plan.at_slot((4, 0))
+
+
+def test_replica_plans_are_the_same_split_on_nodes_of_their_own():
+    plan = make_plan(Config().replace(**{"cluster.replicas": 4}))
+    assert (plan.replica, plan.replicas, {g.node for g in plan.gpus}) == (0, 4, set(range(0, 4)))
+    copies = plan.replica_plans()
+    assert [c.replica for c in copies] == [0, 1, 2, 3] and copies[0] == plan
+    for c in copies:
+        assert {g.node for g in c.gpus} == set(range(4 * c.replica, 4 * c.replica + 4))
+        for g, g0 in zip(c.gpus, plan.gpus):
+            # The counterpart of a GPU: the same id, rank, heads and experts, 4 nodes on per copy.
+            assert (g.gpu, g.rank, g.role, g.heads, g.experts, g.local_gpu) == \
+                (g0.gpu, g0.rank, g0.role, g0.heads, g0.experts, g0.local_gpu)
+            assert g.node == g0.node + 4 * c.replica and c.at_slot(g.slot) == g
+    assert copies[2].for_replica(1) == copies[1]
+    assert plan.replica_at((9, 3)) == copies[2] and copies[3].replica_at((0, 0)) == plan
+    with pytest.raises(ValueError, match="replica 4 is not one of the plan's 4"):
+        plan.for_replica(4)
+
+
+def test_groups_of_a_generation_with_replicas():
+    from ma_ray.runtime.links import generation_groups
+
+    plan = make_plan(Config().replace(**{"cluster.replicas": 2}))
+    flat = generation_groups("j", 5, plan, hierarchical=False)
+    assert flat == {"j-g5-r0-world": 16, "j-g5-r0-attn": 12, "j-g5-r1-world": 16, "j-g5-r1-attn": 12,
+                    "j-g5-grads": 24, **{f"j-g5-dp{i}": 2 for i in range(16)}, "j-g5-all": 32}
+    two = generation_groups("j", 5, plan, hierarchical=True)
+    # The replicated gradients' cross-node groups span both replicas' 8 nodes.
+    assert {two[f"j-g5-grads-x{j}"] for j in range(3)} == {8}
+    assert {two[f"j-g5-grads-node{n}"] for n in range(8)} == {3}
+    assert {two[f"j-g5-r1-attn-x{j}"] for j in range(3)} == {4} and "j-g5-r1-attn-node4" in two
+    one = generation_groups("j", 5, make_plan(Config()), hierarchical=False)
+    assert one == {"j-g5-world": 16, "j-g5-attn": 12}
 
 
 def test_shares():

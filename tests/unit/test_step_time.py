@@ -110,12 +110,12 @@ def test_the_model_ranks_splits_by_sum_in_turns_and_by_balance_when_pipelined():
 
 # --- the step record ------------------------------------------------------------------------------
 
-def _job(layers=2, micro_batches=2, in_flight=1):
-    cfg = SimpleNamespace(train=SimpleNamespace(gradient_accumulation_steps=micro_batches),
-                          model=SimpleNamespace(num_layers=layers),
+def _job(layers=2, micro_batches=2, in_flight=1, replicas=1):
+    """Micro-batches per replica: each replica runs ``micro_batches`` of the step's."""
+    cfg = SimpleNamespace(micro_batches_per_replica=micro_batches, model=SimpleNamespace(num_layers=layers),
                           schedule=SimpleNamespace(micro_batches_in_flight=in_flight))
     gpus = [SimpleNamespace(is_attention=a) for a in (True, True, False)]
-    return cfg, SimpleNamespace(gpus=gpus, attention_gpus=2)
+    return cfg, SimpleNamespace(gpus=gpus, attention_gpus=2, replicas=replicas)
 
 
 def _results():
@@ -138,6 +138,7 @@ def test_summarize_makes_the_step_record_with_the_one_definitions():
     assert (m.grad_norm, m.lr, m.dropped_fraction, m.attention_gpus) == (0.5, 1e-4, 0.1, 2)
     # 4 stages a step: the slowest worker of each pool, per stage.
     assert (m.t_attention_s, m.t_moe_s, m.t_passes_s) == pytest.approx((0.5, 0.8, 5.2))
+    assert m.t_aggregation_s == pytest.approx(0.1)  # the slowest attention GPU's 0.4 s over 4 stages
     assert m.imbalance == pytest.approx(imbalance(0.5, 0.8))
     # The attention pool's work counts its collectives: 2.4 s against the MoE pool's 3.2 s.
     assert m.overlap_efficiency == overlap_efficiency(2.4, 3.2, 5.2) == pytest.approx(0.4 / 2.4)
@@ -150,6 +151,40 @@ def test_the_record_as_plain_data_keeps_the_metrics_keys():
     assert (m.step_time_s, m.tokens_per_s) == (2.0, 500.0)
     row = json.loads(json.dumps(m.to_dict()))
     assert list(row) == ["loss", "ce", "aux", "z", "grad_norm", "dropped_fraction", "lr", "t_attention_s",
-                         "t_moe_s", "imbalance", "t_passes_s", "overlap_efficiency", "attention_gpus",
-                         "step_time_s", "tokens_per_s"]
+                         "t_moe_s", "t_aggregation_s", "imbalance", "t_passes_s", "overlap_efficiency", "attention_gpus",
+                         "bytes_intra_node", "bytes_inter_node", "t_grad_sync_s", "t_compression_s",
+                         "step_time_s", "tokens_per_s", "skipped", "device_step_s"]
     assert StepMetrics(**row) == m
+
+
+def test_the_record_sums_each_levels_bytes_and_takes_the_slowest_gradient_synchronisation():
+    cfg, plan = _job()
+    results = _results()
+    # The third worker is a MoE worker: its bytes and sync are its experts' all-reduce with its
+    # counterparts in other replicas; its compression timer is the attention pool's, so 9 s
+    # there would be a bug the record must not show.
+    for r, (intra, inter, sync, kernels) in zip(results, [(10.0, 4.0, 0.3, 0.1), (6.0, 2.0, 0.5, 0.05),
+                                                          (0.0, 3.0, 0.7, 9.0)]):
+        r.level_bytes = {"intra_node": intra, "inter_node": inter}
+        r.timings.update({timing.GRAD_SYNC: sync, timing.COMPRESSION: kernels})
+    m = summarize(cfg, plan, results)
+    assert (m.bytes_intra_node, m.bytes_inter_node) == (16.0, 9.0)
+    assert (m.t_grad_sync_s, m.t_compression_s) == (0.7, 0.1)
+
+
+def test_replicas_add_their_loss_shares_and_the_slowest_of_any_sets_the_pace():
+    cfg, plan = _job(replicas=2)
+    first, second = _results(), _results()
+    second[1].timings[timing.ATTENTION_COMPUTE] = 2.8  # replica 1's second attention GPU is the slowest
+    second[2].timings[timing.MOE_COMPUTE] = 2.0
+    for r in second[:2]:
+        r.dropped_fraction = 0.3
+    m = summarize(cfg, plan, first + second)
+    assert (m.loss, m.ce) == pytest.approx((5.0, 4.6))  # each replica's share of the micro-batches
+    assert (m.t_attention_s, m.t_moe_s) == pytest.approx((0.7, 0.8))
+    assert m.dropped_fraction == pytest.approx(0.2)  # the mean of the replicas' fractions
+    assert m.attention_gpus == 2  # one replica's split: every replica has it
+    assert m.device_step_s is None  # no worker kept the modelled device clock
+    for r, clock in zip(first + second, [3.0, 3.1, 2.9, 3.4, 3.2, 3.3]):
+        r.timings[timing.DEVICE_CLOCK] = clock
+    assert summarize(cfg, plan, first + second).device_step_s == 3.4  # the slowest worker's

@@ -1,0 +1,192 @@
+"""The attention pool's communication in one level, in two, and in two with gradient compression,
+on the emulated paper preset, against the analytic figures of ``parallel.hierarchy``.
+
+    python bench/comm.py [--splits 12,8] [--slow-splits 12] [--micro-batches 2] [--steps 2]
+
+For each split and each setting (``flat``: ``comm.hierarchical_allreduce=false``; ``two-level``;
+``two-level+bf16`` and ``two-level+topk``: also ``comm.gradient_compression`` bf16 or topk) one
+job runs ``--steps`` steps under ``emulation.modelled_compute`` (the first dropped; the median
+of the rest) and prints:
+
+* the analytic time of one per-layer aggregation op (an all-gather or reduce-scatter of a
+  64 x 2048 x 4096 bf16 micro-batch) and of the replicated gradients' synchronisation (with
+  compression: its kernels' modelled time too). Under emulation a collective is recorded as the
+  time it stands for, so these are what the step records too;
+* the step's length on the modelled GPUs, measured on the workers' modelled device clocks
+  (``emulation.device_clock``, ``runtime.device``: the longest clock at the gradient
+  synchronisation's end), and its difference from the flat setting's against the analytic
+  difference: with one micro-batch in flight the pools take turns, so a setting saves in the
+  step what its collectives save, ``32 ops a step x the op's time`` plus the gradient
+  synchronisation's. This is the measured check of the model. A difference is the median over
+  the kept steps of each step's against flat's same step (the same data: the steps' routing,
+  and so the MoE pool's modelled work, differ from step to step);
+* the step's host wall time beside it, and its difference from flat's: on this machine it also
+  holds the host's time that a GPU does not wait for (the stand-ins' gloo calls on cores shared
+  by every emulated GPU, the host work between a collective and the next launch, and the
+  device clock's own exchange, an all-gather of a float per collective), so it is not the
+  figure the analytic model predicts;
+* the bytes each level sent in the step, summed over the attention GPUs, counted and analytic.
+
+``--slow-splits`` repeats the settings at ``emulation.inter_node_gb_per_s=12.5`` (100 Gb
+Ethernet), where compression should matter more. The compression kernels' share of the step is
+checked against ``comm.compression_overhead``. The last line is the JSON of every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+import ray  # noqa: E402
+
+from ma_ray import config as C  # noqa: E402
+from ma_ray.comm.compression import CompressionSettings  # noqa: E402
+from ma_ray.comm.cross_node import cross_node_reducer  # noqa: E402
+from ma_ray.data import build_dataset  # noqa: E402
+from ma_ray.parallel.emulation import compute_setup, stage_durations  # noqa: E402
+from ma_ray.parallel.hierarchy import INTER_NODE, INTRA_NODE, TwoLevelLayout  # noqa: E402
+from ma_ray.parallel.placement import make_plan  # noqa: E402
+from ma_ray.parallel.shares import share_counts  # noqa: E402
+from ma_ray.runtime.cluster import connect  # noqa: E402
+from ma_ray.runtime.job import TrainingJob  # noqa: E402
+
+SETTINGS = {
+    "flat": {"comm.hierarchical_allreduce": False, "comm.gradient_compression": "none"},
+    "two-level": {"comm.hierarchical_allreduce": True, "comm.gradient_compression": "none"},
+    "two-level+bf16": {"comm.hierarchical_allreduce": True, "comm.gradient_compression": "bf16"},
+    "two-level+topk": {"comm.hierarchical_allreduce": True, "comm.gradient_compression": "topk",
+                       "comm.compression_warmup_steps": 0},  # compressed from its first step
+}
+OPS_PER_STAGE = 4  # forward: all-gather, reduce-scatter; backward: the same
+
+
+def analytic(cfg) -> dict:
+    """Per-op aggregation seconds, gradient synchronisation seconds, and bytes per level per step."""
+    d, plan = stage_durations(cfg), make_plan(cfg)
+    c = cfg.comm
+    hierarchical = c.hierarchical_allreduce
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_length
+    sizes = share_counts(tokens, plan.attention_gpus)
+    rows_bytes = tokens * cfg.model.hidden_size * d.activation_bytes
+    index_bytes = tokens * cfg.moe.top_k * 8
+    reducer = cross_node_reducer(c.gradient_compression,
+                                 CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+    layout = TwoLevelLayout.of_plan(plan)
+    pieces = layout.pieces if hierarchical else 1
+    piece_numel = int(d.replicated_grad_bytes / d.grad_bytes / pieces)
+
+    def cross_factor(members):
+        return reducer.wire_factor(members, piece_numel, d.grad_bytes)
+
+    aggregation = d.pool_collective_s(plan, rows_bytes, False, hierarchical, sizes)
+    grad_sync, kernels = d.replicated_allreduce_s(plan, hierarchical, reducer.wire_factor, reducer.compresses)
+    stages = cfg.model.num_layers * cfg.train.gradient_accumulation_steps
+    level_bytes = {INTRA_NODE: 0.0, INTER_NODE: 0.0}
+    k = plan.attention_gpus
+    one_node = len(layout.nodes) == 1
+    for rank in range(k):
+        ops = [(rows_bytes, False, layout.token_piece_shares(sizes), OPS_PER_STAGE * stages, None),
+               (index_bytes, False, layout.token_piece_shares(sizes), stages, None),
+               (d.replicated_grad_bytes, True, [1 / pieces] * pieces, 1, cross_factor)]
+        for full, all_reduce, shares, count, factor in ops:
+            if hierarchical:
+                for level, (fraction, _) in layout.level_fractions(rank, shares, all_reduce, factor).items():
+                    level_bytes[level] += count * fraction * full
+            else:
+                level_bytes[INTRA_NODE if one_node else INTER_NODE] += count * (2 if all_reduce else 1) * (k - 1) / k * full
+    return {"aggregation_op_s": aggregation, "grad_sync_s": grad_sync, "compression_s": kernels,
+            "bytes_intra_node": level_bytes[INTRA_NODE], "bytes_inter_node": level_bytes[INTER_NODE]}
+
+
+def measure(cfg, steps: int) -> dict:
+    """Each kept step's device-clock and wall seconds, and the medians of the step's gradient
+    synchronisation and bytes (also ``bench/replicas.py``'s)."""
+    job = TrainingJob(cfg, build_dataset(compute_setup(cfg)[0]), torch_threads=1)
+    try:
+        rows = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            m = job.step(step)
+            rows.append((m, time.perf_counter() - t0))
+    finally:
+        job.shutdown()
+    rows = rows[1:]
+    return {"device_steps_s": [m.device_step_s for m, _ in rows], "wall_steps_s": [wall for _, wall in rows],
+            "device_step_s": statistics.median(m.device_step_s for m, _ in rows),
+            "wall_step_s": statistics.median(wall for _, wall in rows),
+            "grad_sync_s": statistics.median(m.t_grad_sync_s for m, _ in rows),
+            "bytes_intra_node": statistics.median(m.bytes_intra_node for m, _ in rows),
+            "bytes_inter_node": statistics.median(m.bytes_inter_node for m, _ in rows)}
+
+
+def emulated_paper(micro_batches: int, overrides=()):
+    """The paper preset under emulation, on the device clock, with ``micro_batches`` micro-batches
+    of 64 sequences a step (also ``bench/replicas.py``'s)."""
+    return C.load("cluster/paper-16gpu.yaml", [
+        "emulation.modelled_compute=true", "emulation.device_clock=true", "cluster.fake_gpus=true",
+        f"train.gradient_accumulation_steps={micro_batches}", f"train.batch_size={64 * micro_batches}", *overrides])
+
+
+def paired_saving(steps: list, flat_steps: list) -> float:
+    """The median over the kept steps of each step's seconds minus flat's same step."""
+    return statistics.median(a - b for a, b in zip(steps, flat_steps))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--splits", default="12,8", help="attention GPUs of each split at the preset's network")
+    ap.add_argument("--slow-splits", default="12", help="splits repeated at 12.5 GB/s between nodes ('' for none)")
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="steps per run, the first dropped")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    mb = args.micro_batches
+    base = emulated_paper(mb, args.overrides)
+    connect(base.cluster, num_cpus=os.cpu_count())
+    runs = [(int(k), base.emulation.inter_node_gb_per_s) for k in args.splits.split(",") if k]
+    runs += [(int(k), 12.5) for k in args.slow_splits.split(",") if k]
+    print(f"emulated paper preset, {mb} micro-batches a step, {args.steps} steps a run (first dropped); "
+          f"step: on the modelled device clock, host wall time beside it")
+    print(f"{'split':>5} {'net GB/s':>8} {'setting':>15} {'agg op ms':>10} {'grad sync ms':>13} {'kernels ms':>11} "
+          f"{'step s':>7} {'step - flat s (analytic)':>25} {'ratio':>6} {'wall s':>7} {'wall - flat s':>13} "
+          f"{'intra GB/step':>15} {'inter GB/step':>15}")
+    out = []
+    stages = base.model.num_layers * base.train.gradient_accumulation_steps
+    for k, net in runs:
+        flat = None
+        for name, over in SETTINGS.items():
+            cfg = base.replace(**{"cluster.attention_gpus": k, "emulation.inter_node_gb_per_s": net, **over})
+            want, got = analytic(cfg), measure(cfg, args.steps)
+            comm_s = OPS_PER_STAGE * stages * want["aggregation_op_s"] + want["grad_sync_s"]
+            flat = flat or (got, comm_s)
+            saved = paired_saving(got["device_steps_s"], flat[0]["device_steps_s"])
+            saved_wall = paired_saving(got["wall_steps_s"], flat[0]["wall_steps_s"])
+            saved_analytic = comm_s - flat[1]
+            ratio = saved / saved_analytic if saved_analytic else None
+            out.append({"split": k, "inter_node_gb_per_s": net, "setting": name, "measured": got, "analytic": want,
+                        "step_minus_flat_s": saved, "step_minus_flat_analytic_s": saved_analytic,
+                        "measured_over_analytic": ratio, "wall_minus_flat_s": saved_wall})
+            print(f"{k:>5} {net:>8.1f} {name:>15} {want['aggregation_op_s'] * 1e3:>10.2f} "
+                  f"{want['grad_sync_s'] * 1e3:>13.2f} {want['compression_s'] * 1e3:>11.2f} "
+                  f"{got['device_step_s']:>7.3f} {saved:>+12.3f} ({saved_analytic:>+8.3f})   "
+                  f"{'-' if ratio is None else f'{ratio:.3f}':>6} {got['wall_step_s']:>7.2f} {saved_wall:>+13.3f} "
+                  f"{got['bytes_intra_node'] / 1e9:>6.2f} / {want['bytes_intra_node'] / 1e9:<6.2f} "
+                  f"{got['bytes_inter_node'] / 1e9:>6.2f} / {want['bytes_inter_node'] / 1e9:<6.2f}", flush=True)
+    budget = base.comm.compression_overhead
+    for row in out:
+        got = row["measured"]
+        if row["analytic"]["compression_s"]:
+            share = row["analytic"]["compression_s"] / got["device_step_s"]
+            print(f"compression kernels at {row['split']} / {row['inter_node_gb_per_s']} GB/s: {share:.3%} of the step, "
+                  f"{'within' if share <= budget else 'OVER'} comm.compression_overhead ({budget:.0%})")
+    print(json.dumps(out))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
