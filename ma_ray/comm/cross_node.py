@@ -20,8 +20,10 @@ Every reducer learns the optimizer step before the step's reductions (``begin_st
 ``compresses`` and ``wire_factor`` describe the step under way.
 
 The error-feedback residual of each held piece is training state: ``residuals()`` and
-``load_residuals()`` give and take it by piece, as element ranges of the flat gradient vector of
-this worker's node (``runtime.residuals`` checkpoints and migrates it).
+``load_residuals()`` give and take it by piece. The replicated gradients' pieces are element
+ranges of the flat gradient vector of this worker's node; a worker's sharded gradients, summed
+with its counterparts in the other replicas, are one piece of their own, in a reducer of their
+own (``runtime.residuals`` checkpoints and migrates both).
 
 ``wire_factor(members, piece_numel, element_bytes)``: bytes sent per byte of a piece (the ring
 all-reduce's ``2 (N - 1) / N``; a message all-gather's ``(N - 1) * message_bytes / piece_bytes``),
@@ -43,9 +45,6 @@ from ma_ray.comm.compression import (CompressionSettings, ErrorFeedback, decompr
 class DenseCrossNode:
     exact = True
     compresses = False  # runs compression kernels this step (whose time is modelled under emulation)
-    # Keeps no state between steps: it may sum any tensor, whoever holds it next step (the
-    # sharded gradients across replicas, runtime.links).
-    stateless = True
 
     def begin_step(self, step: int) -> None:
         """The optimizer step whose gradients the next reductions sum."""
@@ -79,7 +78,6 @@ class Bf16CrossNode(DenseCrossNode):
 
 class TopKCrossNode(DenseCrossNode):
     exact = False
-    stateless = False  # its residuals belong to the pieces it reduces
 
     def __init__(self, settings: CompressionSettings, timed: Callable[[], ContextManager] = nullcontext,
                  warmup_steps: int = 0):

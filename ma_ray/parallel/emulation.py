@@ -172,9 +172,7 @@ class StageDurations:
 
     def replicas_allreduce_s(self, plan, replicas: int, hierarchical: bool,
                              wire_factor: Callable[[int, int, int], float], compresses: bool,
-                             attention_shard_bytes: float, moe_shard_bytes: float,
-                             shard_wire_factor: Optional[Callable[[int, int, int], float]] = None
-                             ) -> Tuple[float, float]:
+                             attention_shard_bytes: float, moe_shard_bytes: float) -> Tuple[float, float]:
         """(seconds, of which compression kernels) of a step's gradient synchronisation when
         ``replicas`` data-parallel copies of ``plan`` (``placement.replicate``) each run part of
         the step's micro-batches: every gradient is summed with its counterparts in the other
@@ -185,7 +183,7 @@ class StageDurations:
           reduces first and only its pieces cross nodes, ``replicas x num_nodes`` members.
         * The sharded gradients (a GPU's heads' or experts' slices, ``*_shard_bytes`` of the
           busiest GPU of each pool): each GPU with its ``replicas - 1`` counterparts, all on
-          other nodes (``counterparts_allreduce_s``, with ``shard_wire_factor``: dense without).
+          other nodes (``counterparts_allreduce_s``), with the same reducer.
 
         The pools synchronise at once, each GPU on its own link; an attention GPU runs its two
         all-reduces one after the other. At one copy this is ``replicated_allreduce_s``."""
@@ -194,25 +192,27 @@ class StageDurations:
         held = max(len(layout.pieces_of(r)) for ranks in layout.nodes for r in ranks) if hierarchical else 1
         replicated, kernels = self.replicated_allreduce_s(union, hierarchical, wire_factor, compresses, held)
 
-        attention_shard = self.counterparts_allreduce_s(replicas, attention_shard_bytes, shard_wire_factor)
-        moe_shard = self.counterparts_allreduce_s(replicas, moe_shard_bytes, shard_wire_factor)
+        attention_shard, attention_kernels = self.counterparts_allreduce_s(
+            replicas, attention_shard_bytes, wire_factor, compresses)
+        moe_shard, moe_kernels = self.counterparts_allreduce_s(replicas, moe_shard_bytes, wire_factor, compresses)
         if replicated + attention_shard >= moe_shard:
-            return replicated + attention_shard, kernels
-        return moe_shard, 0.0
+            return replicated + attention_shard, kernels + attention_kernels
+        return moe_shard, moe_kernels
 
     def counterparts_allreduce_s(self, replicas: int, full_bytes: float,
-                                 wire_factor: Optional[Callable[[int, int, int], float]] = None) -> float:
-        """Seconds of one GPU's sharded gradients (``full_bytes``) summed with its ``replicas - 1``
-        counterparts, all on other nodes, at the network's speed: ``wire_factor(replicas, ...)``
-        bytes per byte (a stateless reducer's, ``comm.cross_node``: the runtime's
-        ``Links.counterpart_reducer``), a dense ring's without one. No kernels to model: a
-        stateless reducer runs none."""
+                                 wire_factor: Callable[[int, int, int], float],
+                                 compresses: bool) -> Tuple[float, float]:
+        """(seconds, of which compression kernels) of one GPU's sharded gradients
+        (``full_bytes``) summed with its ``replicas - 1`` counterparts, all on other nodes, at
+        the network's speed: ``wire_factor(replicas, ...)`` bytes per byte (the reducer's,
+        ``comm.cross_node``: the runtime's ``Links.counterpart_reducer``), and the kernels on
+        all of them when it ``compresses``."""
         if replicas <= 1 or full_bytes <= 0:
-            return 0.0
-        if wire_factor is None:
-            return flat_ring_s(full_bytes, replicas, True, self.inter_node_bytes_per_s)
+            return 0.0, 0.0
         element = max(1, self.grad_bytes)
-        return wire_factor(replicas, int(full_bytes / element), element) * full_bytes / self.inter_node_bytes_per_s
+        kernels = self.compression_s(full_bytes) if compresses else 0.0
+        wire = wire_factor(replicas, int(full_bytes / element), element) * full_bytes / self.inter_node_bytes_per_s
+        return kernels + wire, kernels
 
     def describe(self) -> dict:
         (a0, a1, a2), (m0, m1, m2) = self.coefficients

@@ -12,8 +12,7 @@ Which slots the MoE pool takes
       each node carries the same share of that traffic on its inter-node link (and keeps the same
       share on its fast intra-node link), instead of one node's NIC carrying all of it;
     * the seed's hierarchical all-reduce of the attention pool reduces inside each node first
-      (not built yet: today the pool's collectives are one flat ring, ``runtime.links``); an even
-      spread leaves every node with the same number of attention GPUs (or one fewer), so such
+      (``comm.hierarchical_allreduce``, ``parallel.hierarchy``); an even spread leaves every node with the same number of attention GPUs (or one fewer), so such
       intra-node groups are equal as far as the split allows and no node's group is the straggler;
     * the choice is nested: the MoE slots of a pool of ``m`` GPUs are the first ``m`` of one fixed
       order, so moving one GPU between the pools (k -> k +/- 1) changes the role of exactly one

@@ -26,8 +26,7 @@ The prediction of a layout, all of it from functions the runtime and the control
   not only the replicated ones): ``StageDurations.replicas_allreduce_s``, as the runtime runs it:
   the replicated gradients' cross-node level with the bytes per byte of the reducer of
   ``comm.cross_node`` (passed in as ``reducers``: this layer does not import ``comm``), the
-  sharded ones between counterparts with the reducer when it keeps no state (bf16), dense
-  otherwise (topk, whose residuals are built for the replicated gradients only);
+  sharded ones between counterparts with the same reducer;
 * memory: ``memory.estimate_gpu`` of each pool's busiest GPU at that many micro-batches in
   flight, against ``memory.attention_gpu_budget_gb`` / ``memory.moe_gpu_budget_gb``. Layouts over
   budget are left out and counted.
@@ -208,8 +207,7 @@ class _Scorer:
         sync, kernels = d.replicas_allreduce_s(
             plan, layout.replicas, layout.hierarchical, reducer.wire_factor, reducer.compresses,
             attention_shard_bytes=shape.heads * self.head_grad_bytes,
-            moe_shard_bytes=moe_gpu_params(self.cfg, shape.experts) * d.grad_bytes,
-            shard_wire_factor=reducer.wire_factor if reducer.stateless else None)
+            moe_shard_bytes=moe_gpu_params(self.cfg, shape.experts) * d.grad_bytes)
         step = passes + sync
         peak_a, peak_m = self.peaks(n, k, layout.in_flight)
         return Prediction(layout, t_a, t_m, aggregation, t_c, passes, sync, kernels, step,

@@ -72,19 +72,22 @@ def _union(plan):
 class Links:
     def __init__(self, job: str, generation: int, plan, me, timeout_ms: int, init_timeout_ms: int,
                  backend: Optional[str] = None, strict: bool = False, hierarchical: bool = False,
-                 reducer: Optional[DenseCrossNode] = None, listen_host: Optional[str] = None):
+                 reducer: Optional[DenseCrossNode] = None, counterpart_reducer: Optional[DenseCrossNode] = None,
+                 listen_host: Optional[str] = None):
         """``plan``: this worker's replica's; ``strict``: the CPU backend's strict NCCL mode
         (``comm.cpu_backend``); ``listen_host``: where CPU groups listen
         (``comm.cpu_backend.GroupOptions``); ``hierarchical``: the attention pool's collectives
         in two levels, whose cross-node level sums the gradients with ``reducer``
-        (``comm.cross_node``; dense by default)."""
+        (``comm.cross_node``; dense by default); ``counterpart_reducer``: how the sharded
+        gradients are summed across replicas (another instance of the same kind: each keeps
+        the residuals of what it sums)."""
         prefix = _prefix(job, generation, plan)
         self.world = f"{prefix}-world"
         self.everyone = self.world  # the gradient norm's group
         self.counterparts: Optional[str] = None  # the sharded gradients' group across replicas
-        # How they are summed: the reducer when it keeps no state (dense or bf16); topk's error
-        # feedback is built for the replicated gradients' pieces only, so its shards cross dense.
-        self.counterpart_reducer = reducer if reducer is not None and reducer.stateless else DenseCrossNode()
+        # How they are summed: a reducer of the same kind, of their own (top-k's residuals are
+        # this worker's sharded gradients', by global name in ``Role.shard_residuals``).
+        self.counterpart_reducer = counterpart_reducer if counterpart_reducer is not None else DenseCrossNode()
         self._names = []
         self.aggregation = self.gradients = None
 

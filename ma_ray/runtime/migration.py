@@ -27,6 +27,9 @@ from ma_ray.model.stacks import stack_for
 from ma_ray.optim import ADAM_MOMENTS
 
 TENSOR_KEYS = ("params", *ADAM_MOMENTS)
+# A payload's optional key: the shipped names' top-k residuals across replicas, which are the
+# sending replica's own (``Role.shard_residuals``); never in a checkpoint's shards.
+SHARD_RESIDUAL = "shard_residual"
 
 
 def names_of(cfg, assignment) -> Set[str]:
@@ -72,7 +75,7 @@ def merge(states: List[dict]) -> dict:
 
 def payload_bytes(state: dict) -> int:
     """Bytes of the tensors (or wire arrays) of a payload."""
-    return sum(_nbytes(t) for key in TENSOR_KEYS for t in state.get(key, {}).values())
+    return sum(_nbytes(t) for key in (*TENSOR_KEYS, SHARD_RESIDUAL) for t in state.get(key, {}).values())
 
 
 def _nbytes(t) -> int:
@@ -126,7 +129,7 @@ def to_wire(state: dict) -> dict:
     """A payload whose tensors are host numpy arrays: Ray writes them into the object store out
     of band and a reader maps them from there, so neither side makes a copy of its own. Views
     stay views (no clone); a device tensor is copied to the host once."""
-    out = {key: {n: _array(t) for n, t in state.get(key, {}).items()} for key in TENSOR_KEYS}
+    out = {key: {n: _array(t) for n, t in state.get(key, {}).items()} for key in (*TENSOR_KEYS, SHARD_RESIDUAL)}
     out["optimizer_steps"] = state["optimizer_steps"]
     return out
 
@@ -136,7 +139,8 @@ def from_wire(state: dict) -> dict:
     with warnings.catch_warnings():
         # Arrays mapped from the object store are read-only; they are only ever copied from.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        out = {key: {n: torch.from_numpy(a) for n, a in state.get(key, {}).items()} for key in TENSOR_KEYS}
+        out = {key: {n: torch.from_numpy(a) for n, a in state.get(key, {}).items()}
+               for key in (*TENSOR_KEYS, SHARD_RESIDUAL)}
     out["optimizer_steps"] = state["optimizer_steps"]
     return out
 

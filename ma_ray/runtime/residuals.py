@@ -1,7 +1,8 @@
 """Gradient compression's error-feedback residuals as training state, layout-independent on disk
-and across a rebalance.
+and across a rebalance. Two kinds: a node's, of the replicated gradients, and, with replicas, a
+worker's of its sharded gradients across replicas.
 
-A residual is what a node has not yet sent of its node-summed replicated gradients
+A node's residual is what a node has not yet sent of its node-summed replicated gradients
 (``comm.cross_node``). It belongs to the node: each of the node's attention GPUs holds the
 residual of the pieces it reduces across nodes, element ranges of the flat vector of replicated
 gradients, and that vector is the same for every layout. So a residual's layout-independent form
@@ -15,12 +16,20 @@ reads them; a worker opens only its node's files), each with its size and SHA-25
 checkpoint's table like a shard's, so a damaged one rejects the checkpoint. Across a rebalance: each old attention
 worker's parts travel through the object store to the new workers of its node
 (``runtime.job``).
+
+A sharded residual is what a worker of replica ``r`` has not yet sent of its heads' or experts'
+gradients to its counterparts (``Role.shard_residuals``), by global name, so it is
+layout-independent as it is; it is replica ``r``'s own. Across a rebalance it travels with the
+heads and experts in their shipments (``migration.SHARD_RESIDUAL``). On disk:
+``residuals/replica{r}/node{n}-gpu{g}.pt``, listed in the checkpoint's table too; a worker of
+replica ``r`` of a resumed run takes replica ``r``'s, and replica 0's workers also take those of
+replicas the run no longer has: the counterparts' reductions only ever see the sum over replicas.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,3 +97,46 @@ def read(folder: Path, nodes: set) -> List[Part]:
 
 def old_nodes_in(folder: Path) -> set:
     return {int(p.name[len("node"):p.name.index("-")]) for p in (folder / FOLDER).glob("node*-gpu*.pt")}
+
+
+# --- a worker's sharded residuals across replicas -------------------------------------------
+
+def _replica_folder(folder: Path, replica: int) -> Path:
+    return folder / FOLDER / f"replica{replica}"
+
+
+def save_sharded(folder: Path, replica: int, node: int, local_gpu: int,
+                 tensors: Dict[str, torch.Tensor]) -> Optional[Tuple[Path, int]]:
+    """Write a worker's sharded residuals by global name; returns the file and its tensors'
+    bytes, None when it holds none."""
+    if not tensors:
+        return None
+    out = _replica_folder(folder, replica)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / file_name(node, local_gpu)
+    torch.save({n: t.detach().to("cpu") for n, t in tensors.items()}, path)
+    return path, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def saved_replicas(folder: Path) -> set:
+    return {int(p.name[len("replica"):]) for p in (folder / FOLDER).glob("replica*") if p.is_dir()}
+
+
+def taken_replicas(replica: int, replicas: int, saved: Iterable[int]) -> set:
+    """The saved replicas whose sharded residuals a worker of ``replica`` (of ``replicas``)
+    takes: its own, and, in replica 0, those past the run's replicas."""
+    taken = {replica}
+    if replica == 0:
+        taken |= {r for r in saved if r >= replicas}
+    return taken & set(saved)
+
+
+def read_sharded(folder: Path, replicas: set, names: set) -> Iterator[Dict[str, torch.Tensor]]:
+    """The sharded residuals of ``names`` saved by ``replicas``, a file at a time (mapped: only
+    the names taken are read)."""
+    for replica in sorted(replicas):
+        for path in sorted(_replica_folder(folder, replica).glob("node*-gpu*.pt")):
+            whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            part = {n: t for n, t in whole.items() if n in names}
+            if part:
+                yield part

@@ -22,10 +22,10 @@ from torch import nn
 from ma_ray.model.naming import GlobalSlice, global_view, global_views, initialize
 from ma_ray.optim import ADAM_MOMENTS, build_optimizer, clip_coefficient, lr_factor, param_dtype
 from ma_ray.parallel.hierarchy import INTER_NODE
-from ma_ray.runtime.migration import TENSOR_KEYS
+from ma_ray.runtime.migration import SHARD_RESIDUAL, TENSOR_KEYS
 from ma_ray.runtime.schedule import schedule_for
 from ma_ray.runtime.step_metrics import WorkerStepResult
-from ma_ray.runtime.timing import GRAD_SYNC, OPTIMIZER, PASSES
+from ma_ray.runtime.timing import COMPRESSION, GRAD_SYNC, OPTIMIZER, PASSES
 
 
 def grad_of(leaf: torch.Tensor) -> torch.Tensor:
@@ -68,11 +68,12 @@ class Role:
         # Activations and their gradients cross between the pools in this dtype.
         self.transfer_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
         # The sharded gradients at the configured shapes (zero computing for real: the
-        # tensors' own bytes are counted) and their modelled all-reduce with the counterparts.
+        # tensors' own bytes are counted); their modelled all-reduce with the counterparts, by
+        # whether the reducer compresses (its warm-up crosses dense).
         self.shard_grad_bytes = (len(me.heads) * durations.head_grad_bytes
                                  + len(me.experts) * durations.expert_grad_bytes)
-        self.modelled_counterparts_s = durations.counterparts_allreduce_s(
-            plan.replicas, self.shard_grad_bytes, links.counterpart_reducer.wire_factor)
+        self.modelled_counterparts: Dict[bool, tuple] = {}
+        self.unsent_shards: Dict[str, torch.Tensor] = {}  # residuals no reducer keeps (``add_shard_residuals``)
 
     def op_handlers(self) -> Dict[str, Callable[[int, int], None]]:
         """Schedule op kind -> the method that runs it (``runtime.schedule``)."""
@@ -88,6 +89,7 @@ class Role:
         self.timer.reset()
         self.device.start_step()
         self.begin_step(step)
+        self.links.counterpart_reducer.begin_step(step)
         with self.timer.wall(PASSES):  # the passes, first op to the device's last, for overlap figures
             for op in self.schedule:
                 self._handlers[op.kind](op.micro, op.layer)
@@ -134,22 +136,28 @@ class Role:
     def synchronize_counterparts(self) -> float:
         """Sum the sharded gradients with the counterparts' in the other replicas (each holds
         the same heads or experts; nothing to do with one replica), with the links' counterpart
-        reducer: dense, or bf16 under ``comm.gradient_compression: bf16``. Returns the bytes it
-        sent."""
+        reducer, of the kind ``comm.gradient_compression`` names (top-k with its error feedback
+        in ``shard_residuals``). Returns the bytes it sent."""
+        self._send_unsent_shards()
         if self.links.counterparts is None:
             return 0.0
+        reducer = self.links.counterpart_reducer
         grads = [p.grad for p in self.sharded_parameters()]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        with self.device.collective(GRAD_SYNC, self.modelled_counterparts_s):
+        if reducer.compresses not in self.modelled_counterparts:
+            self.modelled_counterparts[reducer.compresses] = self.durations.counterparts_allreduce_s(
+                self.plan.replicas, self.shard_grad_bytes, reducer.wire_factor, reducer.compresses)
+        allreduce_s, compression_s = self.modelled_counterparts[reducer.compresses]
+        with self.device.collective(GRAD_SYNC, allreduce_s):
             self.links.allreduce_counterparts(flat, [g.numel() for g in grads])
+        self.timer.add(COMPRESSION, compression_s)
         full_bytes = self.shard_grad_bytes or flat.numel() * flat.element_size()
         element = flat.element_size()
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-        return full_bytes * self.links.counterpart_reducer.wire_factor(
-            self.plan.replicas, int(full_bytes / element), element)
+        return full_bytes * reducer.wire_factor(self.plan.replicas, int(full_bytes / element), element)
 
     def _global_grad_norm(self, finite_loss: bool = True) -> float:
         """The global gradient norm; infinite on every worker when any one's loss is not finite.
@@ -200,9 +208,78 @@ class Role:
         initialize(self.module, self.slices, self.cfg.model.initializer_range, self.cfg.train.seed)
 
     def export(self, which: str = "param", key: str = "") -> Dict[str, torch.Tensor]:
-        """Copies on the host by global name, for verification (``model.naming.global_views``)."""
-        views = global_views(self.module, self.slices, which, self.optimizer, key)
+        """Copies on the host by global name, for verification (``model.naming.global_views``;
+        ``which="shard_residual"``: ``shard_residuals``)."""
+        views = (self.shard_residuals() if which == SHARD_RESIDUAL
+                 else global_views(self.module, self.slices, which, self.optimizer, key))
         return {k: v.to("cpu", copy=True) for k, v in views.items()}
+
+    # -- the counterparts' error feedback by global name (runtime.residuals) ----------------
+
+    def shard_residuals(self, names=None) -> Dict[str, torch.Tensor]:
+        """What this worker has not yet sent of its sharded gradients to its counterparts (top-k
+        compression across replicas), by global name (all, or only ``names``), as views: of the
+        counterpart reducer's residual, or, where no reducer keeps one, of what goes with the
+        next step's gradients (``add_shard_residuals``). Each replica's are its own: heads and
+        experts take theirs along when they move, as they take their moments."""
+        views = self._reducer_residual_views(create=False) or self.unsent_shards
+        return {n: t for n, t in views.items() if names is None or n in names}
+
+    def add_shard_residuals(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Add residuals by global name (the names this worker holds; others are ignored) into
+        its own. Several replicas' add up when fewer replicas resume them: the counterparts'
+        reductions only ever see their sum. Where no reducer keeps residuals (one replica, or
+        a resume without top-k) they are added, dense, to the next step's sharded gradients,
+        as the reducer's warm-up sends a residual, so nothing unsent is lost."""
+        if not tensors:
+            return
+        views = self._reducer_residual_views(create=True)
+        with torch.no_grad():
+            if views:
+                for name in tensors.keys() & views.keys():
+                    views[name].add_(tensors[name].reshape(views[name].shape).to(views[name]))
+                return
+            for name in tensors.keys() & {s.name for s in self._sharded_slices()}:
+                t = tensors[name].to(device=self.torch_device, copy=True)
+                self.unsent_shards[name] = self.unsent_shards[name].add_(t) if name in self.unsent_shards else t
+
+    def _send_unsent_shards(self) -> None:
+        """Add the residuals no reducer keeps into this step's sharded gradients (once)."""
+        if not self.unsent_shards:
+            return
+        grads = global_views(self.module, self._sharded_slices(), "grad")
+        with torch.no_grad():
+            for name, t in self.unsent_shards.items():
+                grads[name].add_(t.reshape(grads[name].shape).to(grads[name]))
+        self.unsent_shards = {}
+
+    def _sharded_slices(self) -> List[GlobalSlice]:
+        """The global slices of ``sharded_parameters``, in their order."""
+        local_names = {id(p): n for n, p in self.module.named_parameters()}
+        by_local = _slices_by_local(self.slices)
+        return [s for p in self.sharded_parameters() for s in by_local[local_names[id(p)]]]
+
+    def _reducer_residual_views(self, create: bool) -> Dict[str, torch.Tensor]:
+        """The counterpart reducer's residual by global name (``create``: zeros if it has none
+        yet); empty where it keeps none."""
+        reducer = self.links.counterpart_reducer
+        params = self.sharded_parameters()
+        residual = reducer.residuals().get(0)
+        if residual is None and create and self.links.counterparts is not None:
+            reducer.load_residuals({0: torch.zeros(sum(p.numel() for p in params))}, self.torch_device,
+                                   params[0].dtype)
+            residual = reducer.residuals().get(0)  # still none: a reducer that keeps no residual
+        if residual is None:
+            return {}
+        local_names = {id(p): n for n, p in self.module.named_parameters()}
+        by_local = _slices_by_local(self.slices)
+        out, offset = {}, 0
+        for p in params:  # the order ``synchronize_counterparts`` flattens them in
+            local = residual[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            for s in by_local[local_names[id(p)]]:
+                out[s.name] = global_view(s, local)
+        return out
 
     def state_views(self, names=None) -> dict:
         """Parameters and AdamW moments by global name (all, or only ``names``), as views of this

@@ -29,8 +29,8 @@ from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.device import ModelledDevice, RealDevice
 from ma_ray.runtime.links import Links, worker_name
 from ma_ray.runtime.checkpoint import CheckpointError, file_digest, read_shard_index, shard_file, storage_error
-from ma_ray.runtime.migration import (TENSOR_KEYS, from_wire, names_of, owned_names, payload_bytes, restrict,
-                                      to_wire)
+from ma_ray.runtime.migration import (SHARD_RESIDUAL, TENSOR_KEYS, from_wire, names_of, owned_names, payload_bytes,
+                                      restrict, to_wire)
 from ma_ray.runtime.moe_role import MoERole
 from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import COMPRESSION
@@ -82,14 +82,16 @@ class Worker:
         c = cfg.comm
         device = ModelledDevice(self.torch_device, keep_clock=device_clock) if modelled else RealDevice(
             self.torch_device, c.attention_stream_priority if me.is_attention else c.moe_stream_priority)
-        reducer = cross_node_reducer(c.gradient_compression,
-                                     CompressionSettings(c.sparsification_ratio, c.quantization_bits,
-                                                         c.compression_block_size),
-                                     timed=lambda: device.compute(COMPRESSION),
-                                     warmup_steps=c.compression_warmup_steps)
+        def reducer():
+            return cross_node_reducer(c.gradient_compression,
+                                      CompressionSettings(c.sparsification_ratio, c.quantization_bits,
+                                                          c.compression_block_size),
+                                      timed=lambda: device.compute(COMPRESSION),
+                                      warmup_steps=c.compression_warmup_steps)
         # An emulated cluster is this machine: its groups listen on loopback only.
         self.links = Links(job, generation, plan, me, timeout, max(timeout, 60_000), backend,
-                           strict=c.strict_nccl, hierarchical=c.hierarchical_allreduce, reducer=reducer,
+                           strict=c.strict_nccl, hierarchical=c.hierarchical_allreduce, reducer=reducer(),
+                           counterpart_reducer=reducer() if plan.replicas > 1 else None,
                            listen_host=LOOPBACK if cfg.cluster.fake_gpus else None)
         if device_clock and me.is_attention:  # the pool's collectives start at its latest member's clock
             device.pool_clock = lambda mine: self.links.pool_max(mine, self.torch_device)
@@ -111,12 +113,21 @@ class Worker:
         # gradients' all-reduce spans them), so a node of any replica may take a lost node's.
         attention_nodes = [g.node for copy in plan.replica_plans() for g in copy.attention_workers()]
         if checkpoint is not None:
-            self.role.load_state(_read_checkpoint(checkpoint, names_of(cfg, me), loaded))
+            names = names_of(cfg, me)
+            self.role.load_state(_read_checkpoint(checkpoint, names, loaded))
             nodes = residuals.taken_nodes(me.node, attention_nodes, attention_nodes[0],
                                           residuals.old_nodes_in(Path(checkpoint)))
             self.role.load_residuals(residuals.read(Path(checkpoint), nodes) if me.is_attention else [], nodes)
+            replicas = residuals.taken_replicas(plan.replica, plan.replicas, residuals.saved_replicas(Path(checkpoint)))
+            for part in residuals.read_sharded(Path(checkpoint), replicas, names):
+                self.role.add_shard_residuals(part)
         elif carry:
-            self.role.load_state(_fetched(state_parts, loaded), keep=old)
+            # The residuals of what this worker keeps stay with it: their views are taken while
+            # the old role's parameters still have their shapes (loading releases them).
+            kept = old.shard_residuals() if old is not None else {}
+            self.role.load_state(_fetched(state_parts, loaded, self.role.add_shard_residuals), keep=old)
+            self.role.add_shard_residuals(kept)
+            del kept
             nodes = residuals.taken_nodes(me.node, attention_nodes, attention_nodes[0],
                                           {src[0] for src, _ in residual_parts})
             self.role.load_residuals([part for src, ref in residual_parts if src[0] in nodes and me.is_attention
@@ -134,7 +145,8 @@ class Worker:
         """The payload of each of this worker's ``migration.Shipment``s (one return value each):
         exactly its names, as views on the wire (``migration.to_wire``), never a copy of what
         stays here."""
-        payloads = tuple(to_wire(self.role.state_views(set(s.names))) for s in shipments)
+        payloads = tuple(to_wire({**self.role.state_views(set(s.names)),
+                                  SHARD_RESIDUAL: self.role.shard_residuals(set(s.names))}) for s in shipments)
         return payloads[0] if len(payloads) == 1 else (payloads or None)
 
     @dispatch(ONE_TO_ALL, "residual export", blocking=False, num_returns=lambda: 1)
@@ -172,11 +184,12 @@ class Worker:
                 torch.save(state, tmp)
                 os.replace(tmp, path)
                 written.append((path, payload_bytes(state)))
-            residual = residuals.save(Path(folder), me.node, me.local_gpu, self.role.residual_parts())
+            written.append(residuals.save(Path(folder), me.node, me.local_gpu, self.role.residual_parts()))
+            written.append(residuals.save_sharded(Path(folder), self.role.plan.replica, me.node, me.local_gpu,
+                                                  self.role.shard_residuals()))
         except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for a full disk
             raise storage_error(path, exc) from None
-        if residual is not None:
-            written.append(residual)
+        written = [w for w in written if w is not None]
         return [{"file": file.relative_to(folder).as_posix(), "bytes": tensor_bytes, "file_bytes": file.stat().st_size,
                  "sha256": file_digest(file)} for file, tensor_bytes in written]
 
@@ -187,13 +200,15 @@ class Worker:
         self.role = self.links = None
 
 
-def _fetched(parts: Sequence, loaded: Dict[str, int]) -> Iterator[dict]:
+def _fetched(parts: Sequence, loaded: Dict[str, int], take_residuals) -> Iterator[dict]:
     """The payloads of ``(source slot, reference)`` pairs, fetched one at a time (each mapped
-    from the object store, read, then dropped); counts their bytes into ``loaded``."""
+    from the object store, read, then dropped); counts their bytes into ``loaded`` and hands
+    their sharded residuals to ``take_residuals``."""
     for src, ref in parts:
         part = from_wire(ray.get(ref))
         name = worker_name(*src)
         loaded[name] = loaded.get(name, 0) + payload_bytes(part)
+        take_residuals(part.pop(SHARD_RESIDUAL))
         yield part
 
 

@@ -104,3 +104,59 @@ def test_bf16_sums_the_sharded_gradients_across_replicas_in_bf16():
     assert experts
     err, name = gradient_error({n: got[n] for n in experts}, {n: want[n] for n in experts})
     assert 1e-6 < err < 1e-2, (err, name)
+
+
+def test_topk_residuals_across_replicas_move_with_their_heads_and_experts(tmp_path):
+    """Under top-k each worker keeps what it has not yet sent its counterparts, by global name,
+    per replica. A rebalance moves it with the heads and experts; a checkpoint keeps every
+    replica's, so a resume on the same layout continues the run exactly; a resume with fewer
+    replicas adds the missing replicas' into replica 0's, so nothing unsent is lost."""
+    def config(replicas):
+        return exact_settings(replicated(replicas, 4, **{"comm.gradient_compression": "topk",
+                                                         "comm.hierarchical_allreduce": True,
+                                                         "comm.compression_warmup_steps": 0}), "fp64")
+
+    dataset = build_dataset(config(2))
+    straight = TrainingJob(config(2), dataset, 2, torch_threads=1)
+    try:
+        for step in range(2):
+            straight.step(step)
+        before = straight.export_replicas("shard_residual")
+        straight.apply_split(3)
+        after = straight.export_replicas("shard_residual")
+        folder = checkpoint.save(straight, tmp_path, 1)
+        losses = [straight.step(step).loss for step in range(2, 4)]
+        params = straight.export_replicas()
+    finally:
+        straight.shutdown()
+    # Every name of every head and expert has one, each replica's its own, moved as it was.
+    names = {n for n in params[0] if ".experts." in n or ".heads." in n}
+    assert names and all(set(r) == names for r in before), (sorted(names)[:4], sorted(before[0])[:4])
+    assert any(t.abs().max() > 0 for t in before[0].values())
+    assert any((before[0][n] - before[1][n]).abs().max() > 0 for n in names)
+    for was, now in zip(before, after):
+        assert all(now[n].equal(was[n]) for n in names)
+    # Counterparts decode the same messages: every replica holds the same parameters.
+    assert all(params[1][n].equal(t) for n, t in params[0].items())
+    saved = {f for f in checkpoint.verify(folder)["shards"] if f.startswith("residuals/replica")}
+    assert {f.split("/")[1] for f in saved} == {"replica0", "replica1"}
+
+    def same(got, want):
+        return len(got) == len(want) and all(set(g) == set(w) and all(g[n].equal(w[n]) for n in w)
+                                             for g, w in zip(got, want))
+
+    resumed = TrainingJob(config(2), dataset, 3, torch_threads=1, checkpoint=str(folder))
+    try:
+        assert same(resumed.export_replicas("shard_residual"), after)
+        assert [resumed.step(step).loss for step in range(2, 4)] == losses
+    finally:
+        resumed.shutdown()
+
+    # One replica has no counterparts: both replicas' residuals go with its next gradients.
+    fewer = TrainingJob(config(1), dataset, 3, torch_threads=1, checkpoint=str(folder))
+    try:
+        assert same(fewer.export_replicas("shard_residual"), [{n: after[0][n] + after[1][n] for n in names}])
+        fewer.step(2)
+        assert fewer.export_replicas("shard_residual") == [{}]
+    finally:
+        fewer.shutdown()

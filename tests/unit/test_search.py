@@ -164,6 +164,15 @@ def test_replicas_gradient_sync():
     assert rep == pytest.approx(d.replicated_allreduce_s(replicate(plan, 2), True, dense.wire_factor, False)[0])
     assert rep > one[0]
     assert math.isfinite(rep)
+    # Top-k sums the shards between counterparts too: an all-gather of 2 messages, and the
+    # kernels on all of a GPU's shard bytes.
+    topk = REDUCERS["topk"]
+    seconds, kernels = d.counterparts_allreduce_s(2, 1e10, topk.wire_factor, True)
+    element = d.grad_bytes
+    assert kernels == pytest.approx(d.compression_s(1e10))
+    assert seconds - kernels == pytest.approx(topk.wire_factor(2, int(1e10 / element), element) * 1e10 / 50e9)
+    assert seconds < d.counterparts_allreduce_s(2, 1e10, dense.wire_factor, False)[0]
+    assert d.counterparts_allreduce_s(1, 1e10, topk.wire_factor, True) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("gpus", [16, 32])
