@@ -108,7 +108,9 @@ class BalanceConfig:
 
 @dataclass
 class CommConfig:
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # nccl: torch's ProcessGroupNCCL (auto on a CUDA worker); gloo: torch's ProcessGroupGloo (auto
+    # otherwise); ray_nccl: Ray's cupy NCCL group (ma_ray/comm/backend.py, docs/gpu.md).
+    backend: Literal["auto", "nccl", "gloo", "ray_nccl"] = "auto"
     synchronization_timeout_ms: int = 5000
     # Each pool's CUDA compute stream (runtime.device.cuda_priority): 0 CUDA's highest priority,
     # anything else its default, the NCCL streams' own. No effect on CPU.
@@ -131,9 +133,9 @@ class CommConfig:
     # inside the 15-25 % 1-bit Adam found enough; the local preset measured its own
     # (bench/RESULTS.md, issue 11).
     compression_warmup_steps: int = 10000
-    # The CPU backend behaves like Ray's NCCL group: every op blocking in issue order, sends that
+    # gloo groups behave like NCCL: every op blocking in issue order, sends that
     # complete only at the matching receive, a wait past the timeout reported as a deadlock
-    # (ma_ray/comm/cpu_backend.py). MA_RAY_STRICT_NCCL=1 turns it on for a whole run.
+    # (ma_ray/comm/torch_backend.py). MA_RAY_STRICT_NCCL=1 turns it on for a whole run.
     strict_nccl: bool = False
 
 

@@ -1,10 +1,10 @@
 """Collectives between worker actors, on top of `ray.util.collective`.
 
-- backend.py: which backend a worker's groups use (`comm.backend`: auto, nccl or gloo);
-- groups.py: create/destroy named groups (on the chosen backend) and the ops;
-- cpu_backend.py: the CPU backend (one independent ProcessGroupGloo per group);
-- rendezvous.py: how a CPU group's members find rank 0's store (Ray's KV);
-- handles.py: handles of non-blocking ops, `.wait()` bounded by the group's timeout;
+- backend.py: which backend a worker's groups use (`comm.backend`: auto, nccl, gloo, ray_nccl);
+- groups.py: create/destroy named groups (on the chosen backend), the ops, their stream order;
+- torch_backend.py: ma-ray's backend (one torch process group per group: NCCL on CUDA, gloo);
+- rendezvous.py: how a group's members find rank 0's store (Ray's KV);
+- handles.py: handles of non-blocking ops (gloo: a bounded host wait; NCCL: a stream wait);
 - uneven.py: all-gather / reduce-scatter of slices with different first dims;
 - errors.py: CommError / CommTimeoutError, naming group, worker and op.
 
@@ -13,9 +13,8 @@ In a worker actor: `backend = backend_for_device(cfg.comm.backend, device)` once
 then `destroy_group(name)`.
 """
 
-from ma_ray.comm.backend import NCCL_BACKEND, backend_for_device, choose_backend
-from ma_ray.comm.cpu_backend import BACKEND_NAME as CPU_BACKEND
-from ma_ray.comm.cpu_backend import CpuGlooGroup, GroupOptions, ensure_registered
+from ma_ray.comm.backend import RAY_NCCL, NcclSupport, backend_for_device, choose_backend
+from ma_ray.comm.torch_backend import GLOO, NCCL, GroupOptions, TorchGroup, ensure_registered
 from ma_ray.comm.errors import CommDeadlockError, CommError, CommTimeoutError
 from ma_ray.comm.groups import (allgather, allreduce, barrier, broadcast,
                                 create_group, destroy_group, has_group,
@@ -28,8 +27,8 @@ from ma_ray.comm.uneven import (allgather_uneven, exchange_sizes, iallgather_une
 from ray.util.collective.types import ReduceOp
 
 __all__ = [
-    "CPU_BACKEND", "NCCL_BACKEND", "CommDeadlockError", "CommError", "CommHandle", "CommTimeoutError",
-    "CompletedHandle", "CpuGlooGroup", "GroupOptions", "ReduceOp", "allgather",
+    "GLOO", "NCCL", "RAY_NCCL", "CommDeadlockError", "CommError", "CommHandle", "CommTimeoutError",
+    "CompletedHandle", "GroupOptions", "NcclSupport", "ReduceOp", "TorchGroup", "allgather",
     "allgather_uneven", "allreduce", "backend_for_device", "barrier", "broadcast", "choose_backend",
     "create_group",
     "destroy_group", "ensure_registered", "exchange_sizes", "has_group", "iallgather",

@@ -3,54 +3,57 @@
 A worker actor creates each group it belongs to with `create_group(name, members, rank)` (all
 members call it concurrently, with the same `members`), uses the ops below with that name, and
 `destroy_group(name)` when the split between pools changes. The backend is the caller's choice
-(`backend.backend_for_device(cfg.comm.backend, device)`); without one, NCCL when this process sees
-a GPU and cupy is installed, else the CPU backend of `cpu_backend.py`.
+(`backend.backend_for_device(cfg.comm.backend, device)`: ``nccl``, ``gloo`` or ``ray_nccl``);
+without one, ``comm.backend: auto`` on this process's device.
 
-Blocking ops go through `ray.util.collective`'s public API. The non-blocking ones (`i*`) return
-a handle with `.wait()`; on the CPU backend they are truly asynchronous and `.wait()` is bounded
-by the group's timeout; on NCCL they are queued at call time (Ray's NCCL group queues the kernel on
-its own CUDA stream, and the host goes on) and `.wait()` makes torch's current stream wait for
-them on the device (`handles.QueuedHandle`), so compute posted between the two runs alongside.
+Blocking ops go through `ray.util.collective`'s public API. The non-blocking ones (`i*`) return a
+handle with `.wait()` (`handles.py`). Groups that share members must be created in the same
+order by every member: creation blocks until all members arrive.
 
-Groups that share members must be created in the same order by every member: creation blocks
-until all members arrive.
+**Stream order on a GPU** (one rule for every backend; docs/gpu.md says why): compute runs on
+the worker's current stream (its pool's priority stream, `runtime.device.RealDevice`); every op
+runs on a stream of its own, which waits for an event recorded on the current stream when the
+op is issued, and the current stream waits for an event recorded on the op's stream after the
+op, at the handle's `wait()` (at once for a blocking op). Nothing waits on the legacy default
+stream, so no op waits for an unrelated one, and the host never waits for the device here.
 
-Stream order on GPU (`stream_ordered`, around every op): Ray's NCCL group makes its stream wait
-for *cupy's* current stream before an op, and its streams are blocking CUDA streams. Nothing here
-relies on the latter by accident: before an op, cupy's current stream is set to torch's current
-stream, so the op waits for the torch work that produced its buffers; after it, torch's current
-stream waits on an event recorded on the legacy default stream, which every blocking stream's
-earlier work (the op) precedes, so the torch work that consumes the buffers waits for the op.
-For a non-blocking op that second half waits for its handle's `.wait()`. The event is recorded
-on the legacy default stream because Ray keeps its streams to itself; it fires once every
-earlier op on a blocking stream is done, a superset of the one op (correct, and it can only
-make a wait longer). Compute on streams with priorities then needs no host synchronisation to
-stay race-free. On CPU tensors it does nothing.
+* ``nccl`` and ``gloo`` groups (`torch_backend.TorchGroup`): torch's ProcessGroupNCCL does both
+  halves itself (module docstring there); the ops below just call it.
+* ``ray_nccl`` (Ray's NCCLGroup): Ray makes its NCCL stream wait for *cupy's* current stream,
+  then copies inputs into its reduce-scatter staging buffer on *torch's* current stream after
+  that wait was recorded, and copies its all-gather staging buffer out on torch's current stream
+  with no wait for the NCCL stream at all; its streams are blocking ones, which order only
+  against the legacy default stream, not a priority stream. So each op is issued with Ray's own
+  stream for that op (its communicator's, made as the op would make it) current for both torch
+  and cupy (`_ray_fenced`): Ray's wait, staging copies and NCCL call then run in order on that
+  one stream. Its tensors are recorded on that stream (`Tensor.record_stream`), so the caching
+  allocator does not hand their memory to other work before the op is done.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import ray.util.collective as col
 from ray.util.collective.types import ReduceOp
 
-from ma_ray.comm.backend import backend_for_device
-from ma_ray.comm.cpu_backend import (BACKEND_NAME as CPU_BACKEND, DEFAULT_INIT_TIMEOUT_MS,
-                                     DEFAULT_TIMEOUT_MS, CpuGlooGroup, GroupOptions,
-                                     ensure_registered, stage_options, unstage_options)
+from ma_ray.comm.backend import BACKENDS, RAY_NCCL, backend_for_device
 from ma_ray.comm.handles import CompletedHandle, QueuedHandle
+from ma_ray.comm.torch_backend import (BACKEND_NAME, DEFAULT_INIT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
+                                       GroupOptions, TorchGroup, ensure_registered, stage_options,
+                                       unstage_options)
 
 
 def _resolve_backend(backend: Optional[str]) -> str:
+    """``nccl``, ``gloo`` or ``ray_nccl``: ``backend``, or comm.backend auto on this process."""
     if backend is None:
         import torch
 
-        backend = backend_for_device("auto", "cuda" if torch.cuda.is_available() else "cpu")
-    backend = backend.upper()
-    # Ray's built-in GLOO is never what a caller asking for "gloo" wants (see cpu_backend.py).
-    return CPU_BACKEND if backend in ("CPU", "GLOO", "TORCH_GLOO") else backend
+        return backend_for_device("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)} "
+                         f"(comm.backend, as backend.backend_for_device resolves it)")
+    return backend
 
 
 def create_group(name: str, members: Sequence[str], rank: int, *,
@@ -61,24 +64,26 @@ def create_group(name: str, members: Sequence[str], rank: int, *,
     """Join group `name` whose members are `members` (names by rank) as `members[rank]`.
 
     Blocks until every member has joined (at most `init_timeout_ms`). `timeout_ms` bounds every
-    later op of the group (config `comm.synchronization_timeout_ms`; CPU backend only).
-    `generation` must differ between two incarnations of a group with the same name and members
-    whose lifetimes may overlap. `backend`: what `backend.backend_for_device` returned (NCCL or
-    the CPU backend), "nccl", "cpu" / "gloo" (both mean this package's CPU backend), or None
-    (comm.backend auto on this process's device). `strict`: the CPU backend's strict NCCL mode
-    (`cpu_backend`), for CPU groups. `listen_host`: where a CPU group listens
+    later op of the group (config `comm.synchronization_timeout_ms`; on ``nccl`` through torch's
+    watchdog; ``ray_nccl`` has no bound). `generation` must differ between two incarnations of a
+    group with the same name and members whose lifetimes may overlap. `backend`: ``nccl``,
+    ``gloo`` or ``ray_nccl`` (what `backend.backend_for_device` returns), or None (comm.backend
+    auto on this process's device). `strict`: strict NCCL mode (`torch_backend`), for gloo
+    groups. `listen_host`: where the group's store (and gloo) listens
     (`GroupOptions.listen_host`). Returns the backend used.
     """
     if not 0 <= rank < len(members):
         raise ValueError(f"group '{name}': rank {rank} outside {len(members)} members")
     backend = _resolve_backend(backend)
-    if backend == CPU_BACKEND:
+    if backend != RAY_NCCL:
         ensure_registered()
         stage_options(name, GroupOptions(timeout_ms=timeout_ms, init_timeout_ms=init_timeout_ms,
                                          members=tuple(members), generation=generation,
-                                         strict=strict, listen_host=listen_host))
+                                         strict=strict, listen_host=listen_host,
+                                         process_group=backend))
     try:
-        col.init_collective_group(len(members), rank, backend=backend, group_name=name)
+        col.init_collective_group(len(members), rank, backend=BACKEND_NAME if backend != RAY_NCCL else "NCCL",
+                                  group_name=name)
     finally:
         unstage_options(name)  # construction consumed them, or it never happened
     return backend
@@ -105,29 +110,28 @@ def world_size(name: str) -> int:
 # -- blocking ops: ray.util.collective, argument order as there --------------------------------
 
 def allreduce(tensor, group: str, op: ReduceOp = ReduceOp.SUM) -> None:
-    with stream_ordered(tensor):
-        col.allreduce(tensor, group_name=group, op=op)
+    _ordered(group, tensor, lambda: col.allreduce(tensor, group_name=group, op=op), "allreduce").wait()
 
 
 def reduce(tensor, dst_rank: int, group: str, op: ReduceOp = ReduceOp.SUM) -> None:
-    with stream_ordered(tensor):
-        col.reduce(tensor, dst_rank=dst_rank, group_name=group, op=op)
+    _ordered(group, tensor, lambda: col.reduce(tensor, dst_rank=dst_rank, group_name=group, op=op),
+             "reduce").wait()
 
 
 def broadcast(tensor, src_rank: int, group: str) -> None:
-    with stream_ordered(tensor):
-        col.broadcast(tensor, src_rank=src_rank, group_name=group)
+    _ordered(group, tensor, lambda: col.broadcast(tensor, src_rank=src_rank, group_name=group),
+             "broadcast").wait()
 
 
 def allgather(outputs: List[Any], tensor, group: str) -> None:
     """Equal shapes on every rank; see uneven.allgather_uneven for ragged first dims."""
-    with stream_ordered(outputs):
-        col.allgather(outputs, tensor, group_name=group)
+    _ordered(group, [tensor, *outputs], lambda: col.allgather(outputs, tensor, group_name=group),
+             "allgather").wait()
 
 
 def reducescatter(output, inputs: List[Any], group: str, op: ReduceOp = ReduceOp.SUM) -> None:
-    with stream_ordered(output):
-        col.reducescatter(output, inputs, group_name=group, op=op)
+    _ordered(group, [output, *inputs], lambda: col.reducescatter(output, inputs, group_name=group, op=op),
+             "reducescatter").wait()
 
 
 def barrier(group: str) -> None:
@@ -135,123 +139,124 @@ def barrier(group: str) -> None:
 
 
 def send(tensor, dst_rank: int, group: str) -> None:
-    with stream_ordered(tensor):
-        col.send(tensor, dst_rank, group_name=group)
+    _ordered(group, tensor, lambda: col.send(tensor, dst_rank, group_name=group), "send", peer=dst_rank).wait()
 
 
 def recv(tensor, src_rank: int, group: str) -> None:
-    with stream_ordered(tensor):
-        col.recv(tensor, src_rank, group_name=group)
+    _ordered(group, tensor, lambda: col.recv(tensor, src_rank, group_name=group), "recv", peer=src_rank).wait()
 
 
 # -- non-blocking ops ---------------------------------------------------------------------------
 
 def iallreduce(tensor, group: str, op: ReduceOp = ReduceOp.SUM):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.allreduce(tensor, group_name=group, op=op), tensor, "allreduce")
+        return _ordered(group, tensor, lambda: col.allreduce(tensor, group_name=group, op=op), "allreduce")
     return g.iallreduce(tensor, op)
 
 
 def ibroadcast(tensor, src_rank: int, group: str):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.broadcast(tensor, src_rank=src_rank, group_name=group), tensor, "broadcast")
+        return _ordered(group, tensor, lambda: col.broadcast(tensor, src_rank=src_rank, group_name=group),
+                        "broadcast")
     return g.ibroadcast(tensor, src_rank)
 
 
 def iallgather(outputs: List[Any], tensor, group: str):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.allgather(outputs, tensor, group_name=group), outputs, "allgather")
+        return _ordered(group, [tensor, *outputs], lambda: col.allgather(outputs, tensor, group_name=group),
+                        "allgather")
     return g.iallgather(outputs, tensor)
 
 
 def ireducescatter(output, inputs: List[Any], group: str, op: ReduceOp = ReduceOp.SUM):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.reducescatter(output, inputs, group_name=group, op=op), output, "reducescatter")
+        return _ordered(group, [output, *inputs],
+                        lambda: col.reducescatter(output, inputs, group_name=group, op=op), "reducescatter")
     return g.ireducescatter(output, inputs, op)
 
 
 def ibarrier(group: str):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _done(barrier(group), "barrier")
+        barrier(group)
+        return CompletedHandle(None, "barrier")
     return g.ibarrier()
 
 
 def isend(tensor, dst_rank: int, group: str, tag: int = 0):
-    """`tag` tells apart messages in flight between the same pair (CPU backend; NCCL keeps
-    them in order and ignores it)."""
-    g = _cpu(group)
+    """`tag` tells apart messages in flight between the same pair (gloo; NCCL keeps them in
+    order and ignores it)."""
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.send(tensor, dst_rank, group_name=group), tensor, "send")
+        return _ordered(group, tensor, lambda: col.send(tensor, dst_rank, group_name=group), "send", peer=dst_rank)
     return g.isend(tensor, dst_rank, tag)
 
 
 def irecv(tensor, src_rank: int, group: str, tag: int = 0):
-    g = _cpu(group)
+    g = _torch_group(group)
     if g is None:
-        return _queued(lambda: col.recv(tensor, src_rank, group_name=group), tensor, "recv")
+        return _ordered(group, tensor, lambda: col.recv(tensor, src_rank, group_name=group), "recv", peer=src_rank)
     return g.irecv(tensor, src_rank, tag)
 
 
-@contextmanager
-def stream_ordered(tensor):
-    """Order a blocking op on ``tensor`` (or a list of tensors) against torch's current CUDA
-    stream, both ways (see the module docstring); nothing for CPU tensors."""
-    device = _cuda_device(tensor)
-    if device is None:
-        yield
-        return
-    with _after_torch_work(device):
-        yield
-    QueuedHandle(_op_done_event(device), device, "").wait()
+# -- Ray's NCCL group: its ops fenced on their own streams (module docstring) ------------------
 
-
-def _queued(run, tensor, op: str):
-    """Queue a non-blocking NCCL op (``run``) after the torch work that produced its buffers;
-    its consumers wait at the handle's ``wait()``."""
-    device = _cuda_device(tensor)
-    if device is None:
+def _ordered(group: str, tensors, run: Callable[[], None], op: str, peer: Optional[int] = None):
+    """Issue ``run`` (one op of ``group`` on ``tensors``); a handle whose ``wait()`` orders the
+    current stream after it. On a TorchGroup, or on CPU tensors, ``run`` is the whole story: a
+    TorchGroup's blocking op has already made the current stream wait (NCCL) or the host (gloo)."""
+    first = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+    if not getattr(first, "is_cuda", False) or _torch_group(group) is not None:
         run()
         return CompletedHandle(None, op)
-    with _after_torch_work(device):
-        run()
-    return QueuedHandle(_op_done_event(device), device, op, keep=tensor)
+    return _ray_fenced(col.get_group_handle(group), tensors, run, op, peer)
 
 
-def _cuda_device(tensor):
-    first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
-    return first.device if getattr(first, "is_cuda", False) else None
-
-
-@contextmanager
-def _after_torch_work(device):
-    """Ray's NCCL ops issued inside make their stream wait for cupy's current stream: make that
-    torch's current stream."""
+def _ray_fenced(g, tensors, run: Callable[[], None], op: str, peer: Optional[int]) -> QueuedHandle:
     import cupy
     import torch
 
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index):
-        yield
-
-
-def _op_done_event(device):
-    """An event that fires once the ops issued so far on Ray's (blocking) streams are done."""
-    import torch
-
+    tensors = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+    device = tensors[0].device
+    ray_stream = ray_op_stream(g, device, peer)
+    op_stream = torch.cuda.ExternalStream(ray_stream.ptr, device=device)
+    # torch: wait_stream records an event on the current stream and makes op_stream wait for it.
+    op_stream.wait_stream(torch.cuda.current_stream(device))
+    # With op_stream current for torch and cupy, Ray's _sync_streams waits on its own stream
+    # (a no-op), and its staging buffers are allocated and copied on it, in order with NCCL.
+    with torch.cuda.stream(op_stream), cupy.cuda.ExternalStream(ray_stream.ptr, device.index):
+        run()
+    for t in tensors:
+        # torch: the caching allocator does not reuse a block recorded on a stream until the
+        # work queued there when the block is freed has finished.
+        t.record_stream(op_stream)
     done = torch.cuda.Event()
-    done.record(torch.cuda.default_stream(device))
-    return done
+    done.record(op_stream)
+    return QueuedHandle(done, device, op)
 
 
-def _cpu(group: str) -> Optional[CpuGlooGroup]:
-    """The CPU backend's group object, or None for other backends."""
+def ray_op_stream(g, device, peer: Optional[int] = None):
+    """The cupy stream Ray's NCCLGroup ``g`` runs an op on ``device`` with: its collective
+    communicator's, or with ``peer`` the pair's. Made here if new, exactly as the op would make
+    it (Ray 2.60's private communicator caches; backend.RAY_NCCL_INTERNALS checks they exist).
+    One GPU per process: Ray's default peer GPU index is 0, as in ``col.send``."""
+    from ray.util.collective.collective_group import nccl_collective_group as ng
+
+    index = device.index
+    if peer is None:
+        key = ng._get_comm_key_from_devices([index])
+        g._get_nccl_collective_communicator(key, [index])
+    else:
+        key = ng._get_comm_key_send_recv(g.rank, index, peer, 0)
+        g._get_nccl_p2p_communicator(key, index, peer, 0)
+    return g._dev_streams_map[key][0]
+
+
+def _torch_group(group: str) -> Optional[TorchGroup]:
+    """The TorchGroup behind ``group``, or None for Ray's NCCL group."""
     g = col.get_group_handle(group)
-    return g if isinstance(g, CpuGlooGroup) else None
-
-
-def _done(_result: None, op: str) -> CompletedHandle:
-    return CompletedHandle(None, op)
+    return g if isinstance(g, TorchGroup) else None

@@ -1,10 +1,13 @@
-"""Handles of non-blocking operations: on the CPU backend `.wait()` is bounded by the group's
-timeout; on NCCL it orders the device's compute after the op (`QueuedHandle`).
+"""Handles of non-blocking operations: on a gloo group `.wait()` blocks the host, bounded by the
+group's timeout; on NCCL it makes torch's current stream wait for the op, on the device.
 
-`CommHandle` wraps a `torch.distributed` Work object. Its `wait()` never blocks longer than the
-per-op timeout (counted from the call to `wait`, so compute overlapped with the transfer does not
-eat into it), turns any failure into a `CommError` that names the group, the worker and the op,
-and runs an optional `finish` step (e.g. slicing padded buffers) whose value it returns.
+`CommHandle` wraps a `torch.distributed` Work object. On gloo its `wait()` never blocks longer
+than the per-op timeout (counted from the call to `wait`, so compute overlapped with the transfer
+does not eat into it); on NCCL (``on_device``) it is `Work.wait()` without a timeout, which only
+orders the current stream after the op's end event (the group's watchdog bounds the op). Either
+way it turns any failure into a `CommError` that names the group, the worker and the op, and runs
+an optional `finish` step (e.g. slicing padded buffers) whose value it returns.
+`QueuedHandle` is the same device-side wait for an op of Ray's NCCL group (`groups.py`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ class CommHandle:
 
     def __init__(self, work, *, ident: GroupIdentity, op: str, timeout_ms: int,
                  on_failure: Callable[[CommError], None],
-                 finish: Optional[Callable[[], Any]] = None):
+                 finish: Optional[Callable[[], Any]] = None, on_device: bool = False):
         self._work = work
         self._ident = ident
         self._op = op
         self._timeout_ms = timeout_ms
         self._on_failure = on_failure
         self._finish = finish
+        self._on_device = on_device
         self._done = False
         self._value: Any = None
         self._error: Optional[CommError] = None
@@ -53,7 +57,12 @@ class CommHandle:
         if self._done:
             return self._value
         try:
-            self._work.wait(timedelta(milliseconds=self._timeout_ms))
+            if self._on_device:
+                # torch: with no timeout, ProcessGroupNCCL's wait only makes the current stream
+                # wait for the op's end event; with one, the host would spin until the op ends.
+                self._work.wait()
+            else:
+                self._work.wait(timedelta(milliseconds=self._timeout_ms))
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or DistError kinds
             self._error = op_failed(self._ident, self._op, exc, self._timeout_ms,
                                     timed_out=_is_timeout(exc))
@@ -95,15 +104,14 @@ class CompletedHandle:
 
 
 class QueuedHandle:
-    """An NCCL op queued on Ray's stream: ``wait()`` makes torch's current stream wait on the
-    device for ``done`` (an event after the op), without blocking the host. ``keep`` holds the
-    op's tensors until then, so Python cannot free a buffer the op still uses."""
+    """An op of Ray's NCCL group, queued on its stream: ``wait()`` makes torch's current stream
+    wait on the device for ``done`` (an event recorded on the op's stream after the op), without
+    blocking the host."""
 
-    def __init__(self, done, device, op: str, keep: Any = None):
+    def __init__(self, done, device, op: str):
         self._done_event = done
         self._device = device
         self.op = op
-        self._keep = keep
 
     def is_completed(self) -> bool:
         return self._done_event.query()
@@ -112,7 +120,6 @@ class QueuedHandle:
         import torch
 
         torch.cuda.current_stream(self._device).wait_event(self._done_event)
-        self._keep = None
 
 
 def _is_timeout(exc: BaseException) -> bool:

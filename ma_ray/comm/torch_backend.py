@@ -1,31 +1,49 @@
-"""The CPU backend of ray.util.collective: every group owns an independent ProcessGroupGloo.
+"""ma-ray's backend of ray.util.collective: every group owns its own torch process group,
+``ProcessGroupNCCL`` on a CUDA worker, ``ProcessGroupGloo`` otherwise.
 
-Ray's built-in GLOO backend builds all groups on the process's default torch process group, so a
-second group over a subset of the actors returns wrong sums, its send/recv use default-group
-ranks, and its timeout bounds only the rendezvous. Here every group gets its own
-`ProcessGroupGloo` over a `PrefixStore` of its own `TCPStore` (see rendezvous.py): groups of any
-membership coexist in one process, ranks are group ranks, each op is bounded by the group's
-timeout, and destroying a group releases its process group and store.
+One class for both devices, so a GPU runs the code the CPU suite tests. Ray's built-in GLOO
+backend builds all groups on the process's default torch process group (a second group over a
+subset of the actors returns wrong sums, its send/recv use default-group ranks, its timeout
+bounds only the rendezvous), and Ray's NCCL group has no op timeout and orders its buffer copies
+only by blocking-stream semantics. Here every group gets its own process group over a
+``PrefixStore`` of its own ``TCPStore`` (see rendezvous.py): groups of any membership coexist in
+one process, ranks are group ranks, each op is bounded by the group's timeout, and destroying a
+group releases its process group and store.
 
-**Strict NCCL mode** (`GroupOptions.strict`; config `comm.strict_nccl`, or `MA_RAY_STRICT_NCCL=1`
-for a whole run) makes the backend as unforgiving as Ray's NCCL group, so that a schedule that
-would hang on GPUs fails here, in seconds, with the cycle spelled out:
+What each process group guarantees (torch's, not ours):
 
-* Ray's NCCL group runs every op of a worker on blocking CUDA streams (one per pair for
-  send/recv, one per group for collectives) that serialise with torch's default-stream compute,
-  and the roles compute between any two of their ops; so every op of a worker runs to completion
-  in issue order, whatever its pair or group. Here every op completes before the call returns.
+* gloo: ops run on gloo's threads; ``CommHandle.wait()`` blocks the host for at most the group's
+  timeout (``Work.wait(timeout)``).
+* NCCL: an op makes its NCCL stream wait for the issuing thread's current CUDA stream
+  (ProcessGroupNCCL's ``syncStreams``), stages and copies on its own stream, records its end
+  event there, and ``Work.wait()`` without a timeout makes the current stream wait for that event
+  without blocking the host; the caching allocator keeps its tensors alive until the op is done
+  (``recordStream``). A timeout passed to ``Work.wait`` would make the host spin until the op
+  ends, so NCCL handles never pass one: the group's timeout goes to the process group's watchdog,
+  which aborts the communicator (by torch's default, ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, it
+  also ends the process) when an op has not finished that long after it was issued.
+
+**Strict NCCL mode** (``GroupOptions.strict``; config ``comm.strict_nccl``, or
+``MA_RAY_STRICT_NCCL=1`` for a whole run) makes a gloo group as unforgiving as NCCL, so that a
+schedule that would hang on GPUs fails here, in seconds, with the cycle spelled out (on an NCCL
+group, NCCL itself is the strict one and the option does nothing):
+
+* NCCL runs each communicator's ops in issue order on one stream (one communicator for a
+  group's collectives; for send/recv one per pair, or the group's own), and the roles compute
+  between any two of their ops; so every op of a worker runs to completion in issue order, whatever its pair or group.
+  Here every op completes before the call returns.
 * A send completes only when the peer reaches the matching receive, with the same element
   count and dtype (a mismatch is an error on both sides); nothing is buffered. Each send waits
   for its receiver's "ready" (the receive's count and dtype) before it moves the payload.
-* A wait that passes the group's timeout is a **deadlock** (`CommDeadlockError`): the message
+* A wait that passes the group's timeout is a **deadlock** (``CommDeadlockError``): the message
   names what this worker's op waits for and what its peers' current ops are, read from where
-  every strict worker publishes its current op (its groups' stores). NCCL itself has no timeout.
+  every strict worker publishes its current op (its groups' stores).
 
-The class plugs into `ray.util.collective` through `register_collective_backend`, so
-`ray.util.collective.allreduce(t, group_name=...)` etc. dispatch here. Ray constructs custom
-backends with `(world_size, rank, group_name)` only, so per-group options (timeout, member names)
-are staged in this process by `stage_options` just before `init_collective_group`.
+The class plugs into ``ray.util.collective`` through ``register_collective_backend``, so
+``ray.util.collective.allreduce(t, group_name=...)`` etc. dispatch here. Ray constructs custom
+backends with ``(world_size, rank, group_name)`` only, so per-group options (process group kind,
+device, timeout, member names) are staged in this process by ``stage_options`` just before
+``init_collective_group``.
 """
 
 from __future__ import annotations
@@ -53,7 +71,9 @@ from ma_ray.comm import rendezvous
 from ma_ray.comm.errors import CommDeadlockError, CommError, GroupIdentity, group_broken
 from ma_ray.comm.handles import CommHandle, CompletedHandle, FailedLaunch
 
-BACKEND_NAME = "MA_GLOO"
+BACKEND_NAME = "MA_TORCH"
+# The process group a TorchGroup owns: comm.backend's values for it (comm/backend.py).
+NCCL, GLOO = "nccl", "gloo"
 DEFAULT_TIMEOUT_MS = 5000
 DEFAULT_INIT_TIMEOUT_MS = 60000
 STRICT_ENV = "MA_RAY_STRICT_NCCL"  # "1": every group of the run is strict
@@ -83,6 +103,9 @@ class GroupOptions:
     members: the members' names, by rank, for error messages.
     worker_name: this worker's name in error messages (default: members[rank] or actor name).
     generation: distinguishes re-creations of the same group with the same members.
+    strict: strict NCCL mode (gloo groups only; see the module docstring).
+    process_group: "gloo" or "nccl" (``ProcessGroupNCCL``, on ``device``).
+    device: the CUDA device of an NCCL group (default: this process's current one).
     listen_host: the address the group's store and gloo's pairs listen on (default: this node's
     Ray address); loopback when every member is on this machine (an emulated cluster).
     """
@@ -94,6 +117,8 @@ class GroupOptions:
     generation: int = 0
     strict: bool = False
     listen_host: Optional[str] = None
+    process_group: str = GLOO
+    device: Optional[torch.device] = None
 
 
 def strict_requested(setting: bool) -> bool:
@@ -104,7 +129,7 @@ def strict_requested(setting: bool) -> bool:
 _staged: dict = {}
 _staged_lock = threading.Lock()
 _registered = False
-_strict_groups: List["CpuGlooGroup"] = []  # this process's strict groups, where it publishes its op
+_strict_groups: List["TorchGroup"] = []  # this process's strict groups, where it publishes its op
 
 
 def stage_options(group_name: str, options: GroupOptions) -> None:
@@ -135,14 +160,14 @@ def ensure_registered() -> None:
         if _registered:
             return
         try:
-            register_collective_backend(BACKEND_NAME, CpuGlooGroup)
+            register_collective_backend(BACKEND_NAME, TorchGroup)
         except ValueError:
             pass  # registered earlier in this process (e.g. this module was re-imported)
         _registered = True
 
 
-class CpuGlooGroup(BaseGroup):
-    """One collective group on CPU, with its own ProcessGroupGloo and TCPStore."""
+class TorchGroup(BaseGroup):
+    """One collective group with its own TCPStore and process group: NCCL or gloo, as staged."""
 
     def __init__(self, world_size: int, rank: int, group_name: str, *_ignored: Any):
         super().__init__(world_size, rank, group_name)
@@ -150,15 +175,20 @@ class CpuGlooGroup(BaseGroup):
         if opts.members is not None and len(opts.members) != world_size:
             raise ValueError(f"group '{group_name}': {len(opts.members)} member names for "
                              f"world size {world_size}")
+        if opts.process_group not in (NCCL, GLOO):
+            raise ValueError(f"group '{group_name}': process group {opts.process_group!r}, not nccl or gloo")
+        self._kind = opts.process_group
+        self._device = (opts.device if opts.device is not None else torch.device("cuda", torch.cuda.current_device())
+                        ) if self._kind == NCCL else torch.device("cpu")
         self._timeout_ms = int(opts.timeout_ms)
         self._ident = GroupIdentity(group_name, rank, world_size,
                                     opts.worker_name or _default_worker_name(opts.members, rank),
                                     opts.members)
         self._broken: Optional[CommError] = None
         self._store: Optional[dist.Store] = None
-        self._pg: Optional[dist.ProcessGroupGloo] = None
+        self._pg = None  # torch's ProcessGroupNCCL or ProcessGroupGloo
         self._store_address: Optional[Tuple[str, int]] = None
-        self._strict = opts.strict
+        self._strict = opts.strict and self._kind == GLOO
         self._heads: Optional[dist.Store] = None  # strict: every member's current op
         self._ops = 0  # strict: ops issued, numbering them in messages
         self._connect(opts)
@@ -177,13 +207,8 @@ class CpuGlooGroup(BaseGroup):
             self._store_address = (store.host, store.port)
             prefixed = dist.PrefixStore(f"{self.group_name}/", store)
             rendezvous.wait_for_all(prefixed, self.rank, self.world_size, deadline)
-            pg_opts = dist.ProcessGroupGloo._Options()
-            # The context timeout bounds every transport step inside gloo, so an op abandoned
-            # by Work.wait(timeout) also ends by itself and its worker thread is freed.
-            pg_opts._timeout = timedelta(milliseconds=self._timeout_ms)
-            # Bind gloo to the address chosen above: hostname resolution could pick any.
-            pg_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-            self._pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, pg_opts)
+            self._pg = (self._nccl_process_group(prefixed) if self._kind == NCCL
+                        else self._gloo_process_group(prefixed, host))
             self._store = store
         except Exception as exc:  # noqa: BLE001 - re-raised with the group named
             raise CommError(
@@ -198,6 +223,28 @@ class CpuGlooGroup(BaseGroup):
                 # needs all ranks); after a failure the address is useless.
                 rendezvous.retire(key)
 
+    def _gloo_process_group(self, store: dist.Store, host: str):
+        pg_opts = process_group_class(GLOO)._Options()
+        # The context timeout bounds every transport step inside gloo, so an op abandoned
+        # by Work.wait(timeout) also ends by itself and its worker thread is freed.
+        pg_opts._timeout = self._td()
+        # Bind gloo to the address chosen above: hostname resolution could pick any.
+        pg_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, self.rank, self.world_size, pg_opts)
+
+    def _nccl_process_group(self, store: dist.Store):
+        cls = process_group_class(NCCL)
+        pg_opts = cls.Options()
+        # The watchdog's bound on every op, counted from its issue (NCCL waits take none).
+        pg_opts._timeout = self._td()
+        pg_opts.group_name = self.group_name  # names the group in the watchdog's reports
+        pg = cls(store, self.rank, self.world_size, pg_opts)
+        # The communicator is made now, while every member is here in create_group, not at the
+        # first op, where the members may be anywhere in their schedules; this also binds the
+        # group to the worker's device.
+        pg.eager_connect_single_device(self._device)
+        return pg
+
     # -- identity ---------------------------------------------------------------------------
 
     @classmethod
@@ -206,11 +253,20 @@ class CpuGlooGroup(BaseGroup):
 
     @classmethod
     def check_backend_availability(cls) -> bool:
-        return dist.is_available() and hasattr(dist, "ProcessGroupGloo")
+        return dist.is_available()
 
     @property
     def timeout_ms(self) -> int:
         return self._timeout_ms
+
+    @property
+    def process_group(self) -> str:
+        """"nccl" or "gloo": which torch process group this group owns."""
+        return self._kind
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def identity(self) -> GroupIdentity:
@@ -228,10 +284,18 @@ class CpuGlooGroup(BaseGroup):
 
     def destroy_group(self) -> None:
         """Release the process group and the store (rank 0 stops serving it)."""
-        if self._broken is None:
+        broken = self._broken is not None
+        if not broken:
             self._broken = CommError(f"group '{self.group_name}' was destroyed",
                                      group=self.group_name, rank=self.rank,
                                      worker=self._ident.worker, op="destroy")
+        if self._kind == NCCL and self._pg is not None:
+            try:
+                # shutdown lets ops still queued on the device finish (a stuck one is ended by
+                # the watchdog); after a failure the peers are out of step: abort at once.
+                self._pg.abort() if broken else self._pg.shutdown()
+            except Exception:  # noqa: BLE001 - releasing must not fail on a communicator already gone
+                pass
         self._pg = None
         self._store = None
         if self in _strict_groups:
@@ -275,7 +339,7 @@ class CpuGlooGroup(BaseGroup):
         if len(inputs) != self.world_size:
             raise ValueError(f"reducescatter in group '{self.group_name}': {len(inputs)} inputs "
                              f"for world size {self.world_size}")
-        reduce = _LOCAL_REDUCE.get(_torch_op(op))
+        reduce = _LOCAL_REDUCE.get(_torch_op(op)) if self._kind == GLOO else None
         if reduce is None:
             o = dist.ReduceScatterOptions()
             o.reduceOp = _torch_op(op)
@@ -375,7 +439,7 @@ class CpuGlooGroup(BaseGroup):
                                 group=self.group_name, rank=self.rank, worker=self._ident.worker,
                                 op=op) from exc
         handle = CommHandle(work, ident=self._ident, op=op, timeout_ms=self._timeout_ms,
-                            on_failure=self._mark_broken, finish=finish)
+                            on_failure=self._mark_broken, finish=finish, on_device=self._kind == NCCL)
         if not self._strict:
             return handle
         # Blocking, in issue order: what NCCL's blocking streams make of every op.
@@ -486,6 +550,19 @@ class CpuGlooGroup(BaseGroup):
         # some did not): any later op could pair with the wrong message.
         if self._broken is None:
             self._broken = error
+
+
+def process_group_class(kind: str):
+    """torch's class of the process group of ``kind`` ("nccl" or "gloo"); a ConfigError naming
+    comm.backend where this torch has none (CPU wheels have no ``ProcessGroupNCCL``)."""
+    from ma_ray.config import ConfigError
+
+    name = {NCCL: "ProcessGroupNCCL", GLOO: "ProcessGroupGloo"}[kind]
+    cls = getattr(dist, name, None) if dist.is_available() else None
+    if cls is None:
+        raise ConfigError(f"comm.backend: {kind} needs torch.distributed.{name}, and torch "
+                          f"{torch.__version__} was built without it")
+    return cls
 
 
 # Reductions over the leading (rank) dimension of a reduce-scatter's received chunks.

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
-from ma_ray.comm.cpu_backend import strict_requested
+from ma_ray.comm.torch_backend import strict_requested
 from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.placement import make_plan
 from ma_ray.runtime import residuals
@@ -118,7 +118,7 @@ class TrainingJob:
         key and the group name (``ray.util.collective``: ``get_store_name("<key>@<group>")``,
         key ``"<gpu>"`` for the collectives, ``"<lower rank>_<gpu>:<higher rank>_<gpu>"`` for
         a pair), created by the pair's lower rank, and only rank 0's destroy removes those it
-        created itself. The group names are ``runtime.links``'s. The CPU backend makes none."""
+        created itself. The group names are ``runtime.links``'s. ma-ray's own backend (nccl, gloo) makes none."""
         from ray.util.collective.const import get_store_name
 
         gpus = range(max(1, self.cfg.cluster.gpus_per_node))  # the device index a worker's tensors have

@@ -74,9 +74,9 @@ class Links:
                  backend: Optional[str] = None, strict: bool = False, hierarchical: bool = False,
                  reducer: Optional[DenseCrossNode] = None, counterpart_reducer: Optional[DenseCrossNode] = None,
                  listen_host: Optional[str] = None):
-        """``plan``: this worker's replica's; ``strict``: the CPU backend's strict NCCL mode
-        (``comm.cpu_backend``); ``listen_host``: where CPU groups listen
-        (``comm.cpu_backend.GroupOptions``); ``hierarchical``: the attention pool's collectives
+        """``plan``: this worker's replica's; ``strict``: gloo groups' strict NCCL mode
+        (``comm.torch_backend``); ``listen_host``: where the groups' stores listen
+        (``comm.torch_backend.GroupOptions``); ``hierarchical``: the attention pool's collectives
         in two levels, whose cross-node level sums the gradients with ``reducer``
         (``comm.cross_node``; dense by default); ``counterpart_reducer``: how the sharded
         gradients are summed across replicas (another instance of the same kind: each keeps

@@ -22,7 +22,7 @@ import torch
 from ma_ray.comm.backend import backend_for_device
 from ma_ray.comm.compression import CompressionSettings
 from ma_ray.comm.cross_node import cross_node_reducer
-from ma_ray.comm.cpu_backend import ensure_registered
+from ma_ray.comm.torch_backend import ensure_registered
 from ma_ray.parallel.emulation import compute_setup
 from ma_ray.runtime import residuals
 from ma_ray.runtime.attention_role import AttentionRole

@@ -1,6 +1,6 @@
 """Integration tests: they start Ray, with the CPU backend in strict NCCL mode
 (``MA_RAY_STRICT_NCCL=1`` unless the environment sets it: every collective and transfer blocks in
-issue order until its peer is at the matching one, as on GPUs; see ``ma_ray/comm/cpu_backend.py``),
+issue order until its peer is at the matching one, as on GPUs; see ``ma_ray/comm/torch_backend.py``),
 so a schedule that would hang under NCCL fails here. Every module that runs jobs in this process shares one
 emulated local cluster (the local preset's 16 fake GPUs on this machine's cores): it starts on
 first use and stops when the session ends. ``test_live_job`` attaches this process to the
@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from ma_ray import config as C
-from ma_ray.comm.cpu_backend import STRICT_ENV
+from ma_ray.comm.torch_backend import STRICT_ENV
 from ma_ray.runtime.cluster import connect
 
 os.environ.setdefault(STRICT_ENV, "1")  # before any Ray starts: its workers and subprocesses inherit it

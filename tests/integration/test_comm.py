@@ -85,7 +85,7 @@ def test_comm_error_survives_pickling():
 
 def test_overlapping_groups_reduce_independently(peers):
     for name, indices in LAYOUT.items():
-        assert form(peers, name, indices) == ["MA_GLOO"] * len(indices)
+        assert form(peers, name, indices) == ["gloo"] * len(indices)
 
     def reduce_all(index, layout):
         import ray.util.collective as col

@@ -21,7 +21,7 @@ innermost ``ma_ray`` frame that made it and the schedule op it ran in (``step`` 
 
 Not seen from Python: ``copy_`` across devices (the roles make none of host data) and the
 syncs C++ makes inside an op (the data-dependent ops above are the ones of that kind). Two
-sources are set aside, and reported: the CPU backend (``comm/cpu_backend.py``, the CPU stand-in
+sources are set aside, and reported: the gloo groups (``comm/torch_backend.py``, the CPU stand-in
 for NCCL, whose strict mode reads its own handshake tensors; on a GPU the collectives are
 NCCL's), and ``torch.optim`` (AdamW reads its step counters, host tensors unless capturable: no
 device work is waited for).
@@ -145,7 +145,7 @@ class SyncProbe:
             f = f.f_back
         if not in_step:
             return
-        kind = (CPU_BACKEND if site.startswith("comm/cpu_backend.py") else OPTIMIZER if via_optim else COUNTED)
+        kind = (CPU_BACKEND if site.startswith("comm/torch_backend.py") else OPTIMIZER if via_optim else COUNTED)
         self.counts[(phase, site, call, kind)] += 1
 
 
