@@ -1,10 +1,14 @@
 """Ray cluster bring-up: join an existing cluster or start an emulated one, and reserve the
 topology's GPUs with one placement group.
 
-Emulation starts a real local Ray node that advertises ``replicas * num_nodes * gpus_per_node`` GPUs
-(fake resources: Ray hands out ``CUDA_VISIBLE_DEVICES`` but torch sees no device, so workers run
-on CPU). One local node starts far faster than a multi-node ``cluster_utils.Cluster`` and Ray's
-scheduling, placement groups and actors are the same code either way.
+Emulation (``cluster.fake_gpus``) starts a real local Ray node; the topology's nodes are the
+placement group's bundles on it. On a machine without GPUs the node advertises
+``replicas * num_nodes * gpus_per_node`` GPUs (fake resources: Ray hands out
+``CUDA_VISIBLE_DEVICES`` but torch sees no device, so workers run on CPU). On a machine with GPUs
+it advertises the real ones (``emulated_gpus``): every worker then gets a GPU that exists, and
+NCCL, which takes one rank per GPU, runs between emulated nodes as between real ones. One local
+node starts far faster than a multi-node ``cluster_utils.Cluster`` and Ray's scheduling,
+placement groups and actors are the same code either way.
 
 The placement group has one bundle per node of ``gpus_per_node`` GPUs; on a real cluster its
 strategy is STRICT_SPREAD, so each bundle is a different machine and a worker's (node, local
@@ -50,7 +54,7 @@ def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str
         _use_token_auth(only_with_a_token=False)
         extra = {} if cluster_cfg.metrics_export_port is None else {"_metrics_export_port": cluster_cfg.metrics_export_port}
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                 num_gpus=cluster_cfg.replicas * cluster_cfg.num_nodes * cluster_cfg.gpus_per_node,
+                 num_gpus=emulated_gpus(cluster_cfg, real_gpu_count()),
                  include_dashboard=False,
                  logging_level="warning", log_to_driver=log_to_driver, namespace=namespace, **extra)
     else:
@@ -59,6 +63,29 @@ def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str
         except NoJobReachable as exc:
             raise ClusterError(f"cannot reach a Ray cluster at cluster.address={cluster_cfg.address!r}: "
                                f"{str(exc).partition(': ')[2]}") from None
+
+
+def emulated_gpus(cluster_cfg, real_gpus: int) -> int:
+    """The GPUs the private node of ``cluster.fake_gpus`` advertises on a machine with
+    ``real_gpus``: the topology's, as fake resources, where there are none; else the real ones,
+    which must hold the topology (a fake one beside real ones would hand a worker a
+    ``CUDA_VISIBLE_DEVICES`` index that exists for some workers and not for others)."""
+    c = cluster_cfg
+    need = c.replicas * c.num_nodes * c.gpus_per_node
+    if real_gpus == 0:
+        return need
+    if need > real_gpus:
+        raise ClusterError(f"cluster.fake_gpus: the topology needs {need} GPUs ({c.replicas} replica(s) x "
+                           f"{c.num_nodes} node(s) x {c.gpus_per_node}) and this machine has {real_gpus}; on a "
+                           f"machine with GPUs the emulated nodes stand on real ones: make the topology fit")
+    return real_gpus
+
+
+def real_gpu_count() -> int:
+    """CUDA devices this process sees (0 without a CUDA build of torch)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def join_cluster(address: Optional[str], namespace: Optional[str], timeout_s: float,
