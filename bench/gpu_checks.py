@@ -1,5 +1,5 @@
 """The checks that need a GPU, prepared to run in a few minutes on one lent device (one GPU holds
-one NCCL rank, so NCCL itself is not among them; see bench/RESULTS.md, "What needs a GPU").
+one NCCL rank: what needs several is bench/gpu_verify.py; see docs/gpu.md).
 
     python bench/gpu_checks.py [--micro-batch 4]
 
@@ -13,21 +13,14 @@ one NCCL rank, so NCCL itself is not among them; see bench/RESULTS.md, "What nee
 3. A wait's timing (``RealDevice.waiting``): while a side stream runs a 200 ms kernel that the
    compute stream must wait for, the wait is timed at the stall's device time, the host returns
    at once, and the compute region after it is not charged for the stall.
-4. Stream order around NCCL (``comm.groups.stream_ordered``): a one-rank NCCL group (one GPU
-   holds one rank) all-gathers a buffer that a slow kernel on a priority stream is still
-   writing; the output must be what the kernel wrote, and torch work after the op must see it.
-   The same for a non-blocking all-reduce (``groups.iallreduce``): its host call returns before
-   the device is done, and the work after its ``wait()`` sees the sum.
-5. The rendezvous actors of NCCL groups: creating and destroying a group leaves the count of
-   named Ray actors as it was.
-6. Modelled-compute messages with CUDA chunks (``runtime.transport.pack_block``/``unpack_block``):
+4. The collectives' stream order, one-rank ops, the NCCL watchdog and the library versions:
+   ``bench/gpu_comm_checks.py``, run as a script.
+5. Modelled-compute messages with CUDA chunks (``runtime.transport.pack_block``/``unpack_block``):
    a block of CUDA chunks packs and unpacks on the device, stamps intact.
-7. Stream priorities (``runtime.device.cuda_priority``): the attention pool's current stream
+6. Stream priorities (``runtime.device.cuda_priority``): the attention pool's current stream
    has the device's highest priority, the MoE pool's its default, and regions are timed on them.
-8. Throughput of an attention shard and an expert group at the seed's shapes
+7. Throughput of an attention shard and an expert group at the seed's shapes
    (``bench/gpu_shard_throughput.py``).
-
-Checks 4 and 5 need cupy (``pip install -e ".[gpu]"``) and Ray; without them they say so.
 
 Prints one line per check and exits 1 if a check fails, 2 without CUDA.
 """
@@ -136,62 +129,6 @@ def check_wait_timing(dev: torch.device) -> bool:
     return good
 
 
-def _stream_order_in_an_actor() -> bool:
-    """Inside a Ray actor (ray.util.collective's groups live in actors): returns whether the
-    all-gather saw the producer's data and its consumer the result."""
-    from ma_ray.comm import groups
-
-    dev = torch.device("cuda")
-    groups.create_group("gpu-check", ["me"], 0, backend="nccl")
-    side = torch.cuda.Stream(priority=-1)
-    a = torch.randn(4096, 4096, device=dev)
-    x = torch.zeros(1 << 24, device=dev)
-    out = [torch.full_like(x, -1.0)]
-    with torch.cuda.stream(side):
-        for _ in range(8):
-            a = a @ a / 64  # slow work the written value depends on
-        x.copy_(a.flatten()[: x.numel()].abs() + 1)
-        groups.allgather(out, x, "gpu-check")
-        seen = out[0].sum()  # torch work after the op, on the same stream
-    torch.cuda.synchronize()
-    ordered = bool(torch.equal(out[0], x)) and float(seen) == float(x.sum())
-    with torch.cuda.stream(side):
-        for _ in range(8):
-            a = a @ a / 64
-        y = a.flatten()[: x.numel()].abs() + 1
-        expected = y.clone()
-        handle = groups.iallreduce(y, "gpu-check")
-        queued = not handle.is_completed()  # the host came back before the device was done
-        handle.wait()
-        seen = y.sum()
-    torch.cuda.synchronize()
-    ordered = ordered and queued and bool(torch.equal(y, expected)) and float(seen) == float(expected.sum())
-    groups.destroy_group("gpu-check")
-    return ordered
-
-
-def check_nccl_stream_order(dev: torch.device) -> bool:
-    try:
-        import cupy  # noqa: F401
-        import ray
-    except ImportError as exc:
-        print(f"NCCL stream order: not run ({exc}); install the gpu extra")
-        return True
-    ray.init(num_gpus=1, include_dashboard=False, logging_level="error")
-    try:
-        before = len(ray.util.list_named_actors(all_namespaces=True))
-        checker = ray.remote(num_gpus=1)(_stream_order_in_an_actor)
-        ordered = ray.get(checker.remote(), timeout=300)
-        after = len(ray.util.list_named_actors(all_namespaces=True))
-    finally:
-        ray.shutdown()
-    print(f"NCCL stream order: all-gather and queued all-reduce saw the producer's data, their consumers the result: "
-          f"{'ok' if ordered else 'FAILED'}")
-    print(f"NCCL rendezvous actors: {before} named actors before a group, {after} after its destroy: "
-          f"{'ok' if after == before else 'FAILED'}")
-    return ordered and after == before
-
-
 def check_modelled_messages(dev: torch.device) -> bool:
     from ma_ray.runtime.transport import pack_block, unpack_block
 
@@ -233,10 +170,13 @@ def main() -> int:
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     ok = all([check_bf16_checkpointing(dev), check_event_timing(dev), check_wait_timing(dev),
-              check_nccl_stream_order(dev), check_modelled_messages(dev), check_stream_priorities(dev)])
-    throughput = subprocess.run([sys.executable, str(ROOT / "bench/gpu_shard_throughput.py"),
-                                 "--micro-batch", str(args.micro_batch)], cwd=ROOT)
-    return 0 if ok and throughput.returncode == 0 else 1
+              check_modelled_messages(dev), check_stream_priorities(dev)])
+    for script in (["bench/gpu_comm_checks.py"], ["bench/gpu_shard_throughput.py", "--micro-batch", str(args.micro_batch)]):
+        ran = subprocess.run([sys.executable, str(ROOT / script[0]), *script[1:]], cwd=ROOT)
+        if ran.returncode != 0:
+            print(f"failed: {script[0]} exited {ran.returncode}")
+            ok = False
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def cuda_priority(seed_priority: int, priority_range) -> int:
 class RealDevice:
     def __init__(self, torch_device: torch.device, stream_priority: int = 1):
         """``stream_priority``: the pool's (``cuda_priority``); on a GPU the worker's work runs on
-        a stream of it, made current, so torch's kernels, cupy's view of the current stream
-        (``comm.groups``) and the CUDA-event timers all order on that one stream."""
+        a stream of it, made current: torch's kernels and the CUDA-event timers run on it, and
+        every collective is ordered against it by events both ways (``comm.groups``)."""
         self.torch_device = torch_device
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)  # what the previous role queued ends on its stream

@@ -171,3 +171,25 @@ def test_stream_priorities_map_high_to_cudas_greatest_and_normal_to_its_default(
     assert cuda_priority(comm.attention_stream_priority, priority_range) == greatest
     assert cuda_priority(comm.moe_stream_priority, priority_range) == least
     assert cuda_priority(7, priority_range) == least
+
+
+def test_the_ray_internals_the_fences_use_are_in_the_pinned_ray():
+    """Ray's NCCL group needs cupy to import, so its source is read: the private names
+    ``groups.ray_op_stream`` calls, and the order of the copies it fences (a Ray upgrade that
+    changes either must be looked at again)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ma_ray.comm.backend import RAY_NCCL_INTERNALS
+
+    spec = importlib.util.find_spec("ray.util.collective.collective_group.nccl_collective_group")
+    source = Path(spec.origin).read_text()
+    for name in (*RAY_NCCL_INTERNALS, "_get_comm_key_from_devices", "_get_comm_key_send_recv"):
+        assert f"def {name}(" in source
+    assert "self._dev_streams_map[comm_key] = streams" in source  # one stream per communicator key
+    collective = source[source.index("    def _collective("):source.index("    def _point2point(")]
+    # The hazards: Ray's streams wait on cupy's current stream; the reduce-scatter's copy-in comes
+    # after that wait; the all-gather's copy-out after the NCCL call, on torch's current stream.
+    assert collective.index("self._sync_streams(") < collective.index("preprocess_fn(streams)") < \
+        collective.index("collective_fn(") < collective.index("postprocess_fn(streams)")
+    assert "events[i].record(cupy.cuda.get_current_stream())" in source
