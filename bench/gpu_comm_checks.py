@@ -77,10 +77,10 @@ def versions() -> list:
              f"NCCL {'.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl}", f"ray {ray.__version__}"]
     try:
         import cupy
-        from cupy.cuda import nccl
+        from cupy.cuda import nccl as cupy_nccl
 
         lines.append(f"cupy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
-                     f"NCCL {nccl.get_version()}")
+                     f"NCCL {cupy_nccl.get_version()}")
     except Exception as exc:  # noqa: BLE001 - reported, the ray_nccl checks then say not run
         lines.append(f"cupy: not usable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     return lines
@@ -113,20 +113,24 @@ def _ray_stream(dev):
 
 
 def hazards(have_ray: bool) -> list:
-    """(check, expected to pass, passed, detail) for every hazard and way of calling."""
+    """(check, expected to pass, passed, detail) for every hazard and way of calling.
+
+    What the compute stream reads after an op goes into ``seen``, allocated before the op: a
+    buffer allocated after it could be the block of Ray's freed staging buffer, which NCCL may
+    still write, and would then hide the hazard."""
     dev, n = torch.device("cuda"), 1 << 22
     compute = torch.cuda.current_stream(dev)
     out = []
     for way, (allgather, reducescatter, allreduce, iallgather) in _ways(have_ray).items():
         expect = way != "ray_nccl raw"
         # a. late input
-        data, x = torch.rand(n, device=dev), torch.zeros(n, device=dev)
+        data, x, seen = torch.rand(n, device=dev), torch.zeros(n, device=dev), torch.empty(n, device=dev)
         outs = [torch.full_like(x, -1.0)]
         torch.cuda.synchronize()
         _spin(compute)
         x.copy_(data)
         allgather(outs, x)
-        seen = outs[0].clone()
+        seen.copy_(outs[0])
         torch.cuda.synchronize()
         out.append((f"late input, all-gather, {way}", expect, torch.equal(seen, data), ""))
         # b. the op's own stream busy
@@ -142,7 +146,7 @@ def hazards(have_ray: bool) -> list:
         else:
             _spin(_ray_stream(dev))
             allgather(outs, data)
-        seen = outs[0].clone()
+        seen.copy_(outs[0])
         torch.cuda.synchronize()
         out.append((f"all-gather copy-out behind a busy comm stream, {way}", expect, torch.equal(seen, data), ""))
         # c. reduce-scatter copy-in
@@ -151,7 +155,7 @@ def hazards(have_ray: bool) -> list:
         torch.cuda.synchronize()
         _spin(compute)
         reducescatter(result, [data])
-        seen = result.clone()
+        seen.copy_(result)
         torch.cuda.synchronize()
         out.append((f"reduce-scatter copy-in, {way}", expect, torch.equal(seen, data), ""))
         # d. no device-wide barrier (raw Ray orders nothing after the op: the old fence instead)
