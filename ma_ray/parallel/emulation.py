@@ -140,8 +140,9 @@ class StageDurations:
         layout = TwoLevelLayout.of_plan(plan)
         shares = (layout.token_piece_shares(slice_sizes) if slice_sizes is not None
                   else [1.0 / layout.pieces] * layout.pieces)
+        parts = layout.token_part_shares(slice_sizes) if slice_sizes is not None else None
         return sum(two_level_s(layout, full_bytes, shares, all_reduce, self.intra_node_bytes_per_s,
-                               self.inter_node_bytes_per_s, cross_factor).values())
+                               self.inter_node_bytes_per_s, cross_factor, parts).values())
 
     def compression_s(self, input_bytes: float) -> float:
         """Compressing and decoding ``input_bytes`` of gradients on the GPU."""

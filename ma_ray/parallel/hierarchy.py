@@ -33,6 +33,12 @@ bytes, ``k`` the pool's GPUs over ``N`` nodes):
                                       + sum over held pieces (N - 1) / N * B_j / bw_inter
                                       (all-reduce: both terms twice, the cross-node one as an
                                       all-reduce of each piece)
+Those are for equal chunks. Where chunks differ (a GPU of a smaller node holds two pieces; a
+cross-node member standing in for a missing GPU holds no rows) ``comm.uneven`` sends no padding,
+and a GPU sends what one ring over the unpadded chunks sends (``ring_sent``): in an all-gather
+every chunk of its group but its successor's, in a reduce-scatter every chunk but its own. The
+``(k_n - 1) / k_n`` and ``(N - 1) / N`` above are that with equal chunks; ``level_fractions``
+counts the real chunks, so the bytes each GPU sends equal the bytes modelled at every split.
 The pool's time is its slowest GPU's (``two_level_s``). At the paper preset (3 per node on 4
 nodes, 450 and 50 GB/s) a 1 GB aggregation's flat ring takes 18.3 ms; two levels 1.5 + 5.0 ms.
 With gradient compression the all-reduce's cross-node term sends ``cross_factor(N)`` bytes per
@@ -153,23 +159,46 @@ class TwoLevelLayout:
     # -- cost -----------------------------------------------------------------------------------
 
     def level_fractions(self, rank: int, piece_share: Sequence[float], all_reduce: bool,
-                        cross_factor: Optional[Callable[[int], float]] = None) -> Dict[str, Tuple[float, int]]:
+                        cross_factor: Optional[Callable[[int], float]] = None,
+                        part_shares: Optional[Sequence[Sequence[float]]] = None,
+                        gather: bool = True) -> Dict[str, Tuple[float, int]]:
         """What ``rank``'s ring steps move at each level, as (fraction of the full tensor sent
         over this GPU's link, members of that level's groups). ``piece_share[j]``: piece ``j``'s
         share of the full tensor. ``cross_factor(members)``: bytes an all-reduce's cross-node
         level sends per byte of a piece (default a dense ring's, ``2 (N - 1) / N``; gradient
-        compression sends fewer)."""
-        k_n, n_nodes = len(self.nodes[self.node_of(rank)]), len(self.nodes)
-        twice = 2.0 if all_reduce else 1.0
-        intra = twice * (k_n - 1) / k_n if k_n > 1 else 0.0
-        per_piece = (cross_factor(n_nodes) if all_reduce and cross_factor is not None
-                     else twice * (n_nodes - 1) / n_nodes)
-        inter = sum(per_piece * piece_share[j] for j in self.pieces_of(rank)) if n_nodes > 1 else 0.0
-        return {INTRA_NODE: (intra, k_n), INTER_NODE: (inter, n_nodes)}
+        compression sends fewer). Token slices (not ``all_reduce``): ``gather`` or a
+        reduce-scatter, and ``part_shares[j]``: each cross-node member's share of the full tensor
+        in piece ``j`` (``token_part_shares``; default equal parts)."""
+        node = self.node_of(rank)
+        ranks, n_nodes = self.nodes[node], len(self.nodes)
+        # Inside the node: one chunk per GPU, the pieces it holds.
+        held = [sum(piece_share[j] for j in self.pieces_of(r)) for r in ranks]
+        i = ranks.index(rank)
+        if all_reduce:
+            intra = ring_sent(held, i, gather=False) + ring_sent(held, i, gather=True)
+        else:
+            intra = ring_sent(held, i, gather)
+        inter = 0.0
+        if n_nodes > 1:
+            for j in self.pieces_of(rank):
+                if all_reduce:
+                    per_piece = cross_factor(n_nodes) if cross_factor is not None else 2.0 * (n_nodes - 1) / n_nodes
+                    inter += per_piece * piece_share[j]
+                else:
+                    parts = part_shares[j] if part_shares is not None else [piece_share[j] / n_nodes] * n_nodes
+                    inter += ring_sent(parts, node, gather)
+        return {INTRA_NODE: (intra, len(ranks)), INTER_NODE: (inter, n_nodes)}
 
     def token_piece_shares(self, slice_sizes: Sequence[int]) -> List[float]:
         total = sum(slice_sizes)
         return [self.piece_rows(j, slice_sizes) / total for j in range(self.pieces)]
+
+    def token_part_shares(self, slice_sizes: Sequence[int]) -> List[List[float]]:
+        """Per piece, each cross-node member's share of the full tensor: its node's slice of the
+        piece (zero for a member standing in for a node without that GPU)."""
+        total = sum(slice_sizes)
+        return [[sum(slice_sizes[r] for r in part) / total for part in self.piece_slices(j)]
+                for j in range(self.pieces)]
 
     def flat_piece_shares(self, numel: int) -> List[float]:
         return [len(r) / numel for r in self.flat_pieces(numel)]
@@ -177,17 +206,30 @@ class TwoLevelLayout:
 
 def two_level_s(layout: TwoLevelLayout, full_bytes: float, piece_share: Sequence[float], all_reduce: bool,
                 intra_bytes_per_s: float, inter_bytes_per_s: float,
-                cross_factor: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
+                cross_factor: Optional[Callable[[int], float]] = None,
+                part_shares: Optional[Sequence[Sequence[float]]] = None) -> Dict[str, float]:
     """Seconds of each level of a two-level collective of a ``full_bytes`` tensor: the slowest
-    GPU's, level by level (each level's groups finish together). ``cross_factor``: as in
-    ``TwoLevelLayout.level_fractions``."""
+    GPU's, level by level (each level's groups finish together). ``cross_factor`` and
+    ``part_shares``: as in ``TwoLevelLayout.level_fractions``. Token slices: the slower of an
+    all-gather and a reduce-scatter (with unequal chunks a GPU sends different amounts in each)."""
     per_level = {INTRA_NODE: 0.0, INTER_NODE: 0.0}
     for ranks in layout.nodes:
         for rank in ranks:
-            fractions = layout.level_fractions(rank, piece_share, all_reduce, cross_factor)
-            per_level[INTRA_NODE] = max(per_level[INTRA_NODE], fractions[INTRA_NODE][0] * full_bytes / intra_bytes_per_s)
-            per_level[INTER_NODE] = max(per_level[INTER_NODE], fractions[INTER_NODE][0] * full_bytes / inter_bytes_per_s)
+            for gather in ((True,) if all_reduce else (True, False)):
+                fractions = layout.level_fractions(rank, piece_share, all_reduce, cross_factor, part_shares, gather)
+                per_level[INTRA_NODE] = max(per_level[INTRA_NODE], fractions[INTRA_NODE][0] * full_bytes / intra_bytes_per_s)
+                per_level[INTER_NODE] = max(per_level[INTER_NODE], fractions[INTER_NODE][0] * full_bytes / inter_bytes_per_s)
     return per_level
+
+
+def ring_sent(shares: Sequence[float], me: int, gather: bool) -> float:
+    """What member ``me`` of a ring over chunks ``shares`` (one per member, in ring order) sends,
+    in the chunks' unit: in an all-gather every chunk but its successor's (the one chunk it never
+    passes on), in a reduce-scatter every partial sum but its own (``comm.uneven``)."""
+    m = len(shares)
+    if m <= 1:
+        return 0.0
+    return sum(shares) - shares[(me + 1) % m if gather else me]
 
 
 def flat_ring_s(full_bytes: float, members: int, all_reduce: bool, bytes_per_s: float) -> float:
