@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ma_ray.model import dispatch as D
 from ma_ray.model import router as R
@@ -26,7 +25,7 @@ from ma_ray.parallel.placement import ATTENTION, replicate
 from ma_ray.parallel.shares import balanced_ranges
 from ma_ray.runtime import residuals
 from ma_ray.runtime import schedule as S
-from ma_ray.runtime.role import Role, grad_of
+from ma_ray.runtime.role import Role, backward, grad_of, release_output, replayed_rng, rng_state
 from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import ATTENTION_COLLECTIVES, ATTENTION_COMPUTE, COMPRESSION, GRAD_SYNC, WAIT_MOE
 from ma_ray.runtime.transport import chunk_sizes
@@ -179,14 +178,26 @@ class AttentionRole(Role):
     def attn_fwd(self, mb: int, layer: int) -> None:
         side, shard = self.stack.side, self.stack.shards[layer]
         x = self.x[mb, layer]
-        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
-            h_slice = side.pre_attention(layer, x)
-        h = _leaf(self._gather(h_slice.detach()))
-        # The whole forward stage's modelled time is queued here, where the heads compute.
-        with self.device.compute(ATTENTION_COMPUTE, self.modelled_fwd), self._autocast():
-            h3 = h.view(self.batch, self.seq, -1)
-            partial = checkpoint(shard, h3, use_reentrant=False) if self.checkpointing else shard(h3)
-        a = _leaf(self._scatter(partial.detach().view(self.tokens, -1)))
+        st = {}
+        # Checkpointing covers the whole attention block, the pool's all-gather included: its
+        # forward keeps nothing, and attn_bwd recomputes the LayerNorm, gathers again and reruns
+        # the heads from this RNG state (one more all-gather per layer and micro-batch, where
+        # keeping the gathered micro-batch would cost tokens x hidden per layer on every GPU).
+        recompute = self.checkpointing
+        with torch.set_grad_enabled(not recompute):
+            h_send, h = self._gathered_ln1(layer, x)
+            if recompute:
+                st["rng"] = rng_state(self.torch_device)
+            else:
+                st.update(h_send=h_send, h=h)
+            # The whole forward stage's modelled time is queued here, where the heads compute.
+            with self.device.compute(ATTENTION_COMPUTE, self.modelled_fwd), self._autocast():
+                partial = shard(h.view(self.batch, self.seq, -1))
+            a = _leaf(self._scatter(partial.detach().view(self.tokens, -1)))
+        if not recompute:
+            release_output(partial)
+            st["partial"] = partial
+        del h_send, h
         with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
@@ -211,17 +222,20 @@ class AttentionRole(Role):
         order = order[:sum(sizes)]
         with self.device.compute(ATTENTION_COMPUTE):
             rows = D.gather_rows(h2, order, self.top_k)
-        self.state[mb, layer, "fwd"] = dict(h_slice=h_slice, h=h, partial=partial, a=a, x1=x1, topk_prob=topk_prob,
-                                            rows=rows, router_loss=router_loss, order=order, per_expert=per_expert,
-                                            sizes=sizes)
+        st.update(a=a, x1=x1, topk_prob=topk_prob, rows=rows, router_loss=router_loss, order=order,
+                  per_expert=per_expert, sizes=sizes)
+        self.state[mb, layer, "fwd"] = st
 
     def dispatch(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
-        blocks, sends = torch.split(st["rows"], st["sizes"]), []
+        blocks, sends = torch.split(st["rows"].detach().to(self.transfer_dtype), st["sizes"]), []
         for (dst, lo, hi), block in zip(self.moe_workers, blocks):
             sends.append(self.transport.send(st["per_expert"][lo:hi], dst))
-            sends += self.transport.send_chunks(block.detach().to(self.transfer_dtype), dst, self.modelled_bytes)
+            sends += self.transport.send_chunks(block, dst, self.modelled_bytes)
         st["sends"] = sends
+        # Backward needs only the rows' graph; where the transfer dtype is theirs, the sends
+        # hold the storage until they complete.
+        release_output(st["rows"])
 
     def combine(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer, "fwd"]
@@ -257,25 +271,45 @@ class AttentionRole(Role):
         st = self.state[mb, layer, "fwd"]
         grad_rows = self._receive_from_moe(st)
         with self.device.compute(ATTENTION_COMPUTE):
-            torch.autograd.backward(
-                [st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
-                [st["x1_grad"], st["topk_prob_grad"], grad_rows.to(st["rows"].dtype),
-                 torch.ones_like(st["router_loss"])])
+            backward([st["x1"], st["topk_prob"], st["rows"], st["router_loss"]],
+                     [st["x1_grad"], st["topk_prob_grad"], grad_rows.to(st["rows"].dtype),
+                      torch.ones_like(st["router_loss"])])
 
     def attn_bwd(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer, "fwd"))
-        grad_partial = self._gather(st["a"].grad)
-        with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
-            torch.autograd.backward(st["partial"], grad_partial.view_as(st["partial"]))
-        grad_h_slice = self._scatter(st["h"].grad)
+        grad_partial = self._gather(st["a"].grad).view(self.batch, self.seq, -1)
+        if "rng" in st:  # checkpointed: the block again, from the layer's input
+            h_send, h = self._gathered_ln1(layer, self.x[mb, layer])
+            with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
+                with replayed_rng(self.torch_device, st["rng"]), self._autocast():
+                    partial = self.stack.shards[layer](h.view(self.batch, self.seq, -1))
+                release_output(partial)
+                backward([partial], [grad_partial])
+        else:
+            h_send, h, partial = st["h_send"], st["h"], st["partial"]
+            with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
+                backward([partial], [grad_partial])
+        del partial, grad_partial
+        grad_h_send = self._scatter(h.grad)
+        del h
         with self.device.compute(ATTENTION_COMPUTE):
-            torch.autograd.backward(st["h_slice"], grad_h_slice)
+            backward([h_send], [grad_h_send])
 
     def embed_bwd(self, mb: int, _layer: int) -> None:
         with self.device.compute(ATTENTION_COMPUTE):
             torch.autograd.backward(self.state.pop((mb, "embed")), self.x.pop((mb, 0)).grad)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _gathered_ln1(self, layer: int, x: torch.Tensor):
+        """This slice's LayerNorm output in the transfer dtype (a graph root whose data goes once
+        sent) and the whole micro-batch's, gathered over the pool (a leaf): the pool sends the
+        bytes the time model counts, not the fp32 that LayerNorm gives under autocast."""
+        with self.device.compute(ATTENTION_COMPUTE), self._autocast():
+            h_send = self.stack.side.pre_attention(layer, x).to(self.transfer_dtype)
+        h = self._gather(h_send.detach())
+        release_output(h_send)
+        return h_send, _leaf(h) if torch.is_grad_enabled() else h
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):

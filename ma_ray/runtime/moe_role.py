@@ -28,7 +28,7 @@ from ma_ray.model.stacks import ExpertStack
 from ma_ray.parallel.step_time import FORWARD_SHARE
 from ma_ray.parallel.placement import MOE
 from ma_ray.runtime import schedule as S
-from ma_ray.runtime.role import Role, grad_of
+from ma_ray.runtime.role import Role, backward, grad_of, release_output
 from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import MOE_COMPUTE, WAIT_ATTENTION
 from ma_ray.runtime.transport import chunk_sizes
@@ -52,9 +52,10 @@ class MoERole(Role):
     def begin_step(self, step: int) -> None:
         self.state: Dict = {}
         self.unsent: List = []  # the last input-gradient sends, waited for at the step's end
+        self.returned: List = []  # output sends whose receivers may not have taken them yet
 
     def end_micro_batches(self) -> WorkerStepResult:
-        self.wait_sends(self.unsent, WAIT_ATTENTION)
+        self.wait_sends(self.returned + self.unsent, WAIT_ATTENTION)
         return WorkerStepResult(grad_norm=0.0, lr=0.0)
 
     def _waiting(self):
@@ -65,6 +66,11 @@ class MoERole(Role):
         counts = torch.empty(len(self.sources), self.num_local, dtype=torch.int64, device=self.torch_device)
         for _ in self.transport.receive(list(zip(counts, self.sources)), self._waiting):
             pass
+        # Every source has posted this exchange's counts, so it took the outputs returned before
+        # (its combines come before this dispatch): those sends are done, and their buffers go
+        # now rather than at the layer's backward.
+        self.wait_sends(self.returned, WAIT_ATTENTION)
+        self.returned = []
         # The one host read of this layer and micro-batch: the exchange's sizes, every source's
         # at once.
         per_source = counts.tolist()
@@ -103,18 +109,21 @@ class MoERole(Role):
 
     def expert_return(self, mb: int, layer: int) -> None:
         st = self.state[mb, layer]
-        st["sends"] = self._send_back(st, lambda batch: batch.out.detach())
+        self.returned += self._send_back(st, lambda batch: batch.out.detach())
+        for batch in st["batches"]:
+            release_output(batch.out)  # sent; backward needs only its graph
 
     def expert_bwd(self, mb: int, layer: int) -> None:
         """Receive the output gradients batch by batch and run backward; the input gradients
         wait for expert_return_bwd."""
         st = self.state[mb, layer]
-        self.wait_sends(st.pop("sends"), WAIT_ATTENTION)
+        self.wait_sends(self.returned, WAIT_ATTENTION)
+        self.returned = []
         arriving = self._arrivals(st["batches"])
         for batch in st["batches"]:
             grad_out, batch.ready = self._take(arriving, batch, 1 - FORWARD_SHARE)
             with self.device.compute(MOE_COMPUTE):
-                torch.autograd.backward(batch.out, grad_out.index_select(0, batch.perm).to(batch.out.dtype))
+                backward([batch.out], [grad_out.index_select(0, batch.perm).to(batch.out.dtype)])
 
     def expert_return_bwd(self, mb: int, layer: int) -> None:
         st = self.state.pop((mb, layer))

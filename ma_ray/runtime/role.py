@@ -13,7 +13,7 @@ the role is built, so a missing handler fails at set-up, not mid-step.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -31,6 +31,36 @@ from ma_ray.runtime.timing import COMPRESSION, GRAD_SYNC, OPTIMIZER, PASSES
 def grad_of(leaf: torch.Tensor) -> torch.Tensor:
     """A leaf's gradient; zeros when nothing reached it (no token was routed through it)."""
     return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+def release_output(root: torch.Tensor) -> None:
+    """Drop the data of a graph's output that backward reaches only as a root: no op saved it,
+    so only its ``grad_fn`` is needed (Megatron's ``deallocate_output_tensor``). Backward from
+    it must go through ``backward``, which skips the shape check the data would have passed."""
+    root.data = torch.empty((1,), dtype=root.dtype, device=root.device)
+
+
+def backward(roots: List[torch.Tensor], grads: List[torch.Tensor]) -> None:
+    """``torch.autograd.backward`` of ``roots`` (some perhaps ``release_output``'s) with ``grads``
+    of their original shapes; the engine checks each against its node's recorded shape."""
+    torch.autograd.Variable._execution_engine.run_backward(
+        tuple(roots), tuple(grads), False, False, (), True, True)
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The RNG state a recompute replays, dropout masks included (as torch's checkpoint does)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextmanager
+def replayed_rng(device: torch.device, state: tuple):
+    """Run with the RNG at ``state``; the RNG goes on afterwards as if nothing ran."""
+    cpu, accelerator = state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(cpu)
+        if accelerator is not None:
+            torch.cuda.set_rng_state(accelerator, device)
+        yield
 
 
 class Role:
