@@ -18,7 +18,7 @@ The prediction of a layout, all of it from functions the runtime and the control
   busiest GPUs' work in the layout (heads, token slice, experts, routed rows), so a group of
   another size is scored by its per-GPU work;
 * the attention pool's aggregation (an all-gather and a reduce-scatter of the micro-batch in each
-  pass), added to ``T_a`` as the emulation times it, and the pool-to-pool transfer ``T_c``:
+  pass, and with activation checkpointing one more all-gather to recompute), added to ``T_a`` as the emulation times it, and the pool-to-pool transfer ``T_c``:
   ``StageDurations.pool_collective_s`` and ``moe_inbound_s``;
 * the passes: ``step_time.step_time_s`` -- the balancing policy's step-time model -- of the
   copy's micro-batches, layers and micro-batches in flight;
@@ -54,8 +54,13 @@ from ma_ray.parallel.step_time import PipelineShape, step_time_s
 from ma_ray.parallel.workload import Workload
 
 # Per stage the attention pool all-gathers the micro-batch and reduce-scatters its output in the
-# forward pass, and does both again in the backward pass (``runtime.attention_role``).
+# forward pass, and does both again in the backward pass (``runtime.attention_role``); with
+# activation checkpointing the backward pass gathers the micro-batch once more, to recompute.
 AGGREGATION_OPS_PER_STAGE = 4
+
+
+def aggregation_ops_per_stage(cfg: Config) -> int:
+    return AGGREGATION_OPS_PER_STAGE + (1 if cfg.train.activation_checkpointing else 0)
 # The ways the cross-node level may run, simplest first (the tie-break between equal times).
 COMM_SETTINGS = ((False, "none"), (True, "none"), (True, "bf16"), (True, "topk"))
 
@@ -198,7 +203,7 @@ class _Scorer:
         plan, shape = self.plan(n, k), self.workload(n, k).shape(k)
         t_a, t_m = self.anchor.prior_stage_times(shape)
         full = self.tokens * self.cfg.model.hidden_size * d.activation_bytes
-        aggregation = AGGREGATION_OPS_PER_STAGE * d.pool_collective_s(
+        aggregation = aggregation_ops_per_stage(self.cfg) * d.pool_collective_s(
             plan, full, False, layout.hierarchical, share_counts(self.tokens, k))
         t_c = d.moe_inbound_s(plan, shape.rows)
         pipeline = PipelineShape(self.micro_batches // layout.replicas, self.layers, layout.in_flight)

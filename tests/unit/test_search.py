@@ -32,8 +32,9 @@ def on_seed_topology(result, replicas=1):
 
 
 def test_stage_times_are_the_controllers_predictor():
-    # Every split, the one that leaves a MoE GPU all 16 experts (155 GB) too.
-    cfg = load(None, ["memory.moe_gpu_budget_gb=1e6"])
+    # Every split, the ones that leave a MoE GPU all 16 experts (155 GB) or an attention GPU
+    # every head and the whole micro-batch's LM head too.
+    cfg = load(None, ["memory.moe_gpu_budget_gb=1e6", "memory.attention_gpu_budget_gb=1e6"])
     predictor = StageTimePredictor(cfg)
     result = search(cfg, REDUCERS)
     rows = on_seed_topology(result)
@@ -98,7 +99,7 @@ def test_cluster_too_small_is_one_line_naming_what_is_missing(capsys):
                          "--set", "cluster.num_nodes=8")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("ma-ray: error: no layout of 2 GPUs (1 node x 2)")
-    assert "at least 3 GPUs (1 attention + 2 MoE); 1 GPU missing" in err
+    assert "at least 4 GPUs (2 attention + 2 MoE); 2 GPUs missing" in err
     code, out, err = run(capsys, "plan", "--search", "--set", "memory.moe_gpu_budget_gb=1")
     assert code == 2 and err.count("\n") == 1
     assert "even one expert per MoE GPU needs" in err and "more memory per GPU is missing" in err
