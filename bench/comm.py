@@ -30,6 +30,14 @@ of the rest) and prints:
 ``--slow-splits`` repeats the settings at ``emulation.inter_node_gb_per_s=12.5`` (100 Gb
 Ethernet), where compression should matter more. The compression kernels' share of the step is
 checked against ``comm.compression_overhead``. The last line is the JSON of every row.
+
+``--bytes-splits`` (default 9,14: nodes of 2, 2, 2, 3 and 3, 3, 4, 4) first checks the bytes
+sent against the bytes modelled on real two-level groups of the CPU backend: one actor per
+attention GPU runs one all-gather and one reduce-scatter of a micro-batch's token slices (the
+preset's 64 x 2048 rows, one fp32 column) and the all-reduce of a flat vector, and reports, per
+op and level, the most any GPU sent (``comm.uneven``'s count, scaled to the preset's bytes like
+the model), the most the model gives any GPU, their ratio, and what padding every chunk to the
+largest sent before. ``--bytes-only`` stops there.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import time
 os.environ.setdefault("RAY_worker_niceness", "0")
 
 import ray  # noqa: E402
+import torch  # noqa: E402
 
 from ma_ray import config as C  # noqa: E402
 from ma_ray.comm.compression import CompressionSettings  # noqa: E402
@@ -90,12 +99,17 @@ def analytic(cfg) -> dict:
     k = plan.attention_gpus
     one_node = len(layout.nodes) == 1
     for rank in range(k):
-        ops = [(rows_bytes, False, layout.token_piece_shares(sizes), OPS_PER_STAGE * stages, None),
-               (index_bytes, False, layout.token_piece_shares(sizes), stages, None),
-               (d.replicated_grad_bytes, True, [1 / pieces] * pieces, 1, cross_factor)]
-        for full, all_reduce, shares, count, factor in ops:
+        # Per stage the hidden states' all-gather and reduce-scatter forward, the reverse
+        # backward; with unequal nodes a GPU sends different amounts in each.
+        tokens_shares, parts = layout.token_piece_shares(sizes), layout.token_part_shares(sizes)
+        ops = [(rows_bytes, False, True, tokens_shares, OPS_PER_STAGE // 2 * stages, None),
+               (rows_bytes, False, False, tokens_shares, OPS_PER_STAGE // 2 * stages, None),
+               (index_bytes, False, True, tokens_shares, stages, None),
+               (d.replicated_grad_bytes, True, True, [1 / pieces] * pieces, 1, cross_factor)]
+        for full, all_reduce, gather, shares, count, factor in ops:
             if hierarchical:
-                for level, (fraction, _) in layout.level_fractions(rank, shares, all_reduce, factor).items():
+                for level, (fraction, _) in layout.level_fractions(
+                        rank, shares, all_reduce, factor, None if all_reduce else parts, gather).items():
                     level_bytes[level] += count * fraction * full
             else:
                 level_bytes[INTRA_NODE if one_node else INTER_NODE] += count * (2 if all_reduce else 1) * (k - 1) / k * full
@@ -137,6 +151,113 @@ def paired_saving(steps: list, flat_steps: list) -> float:
     return statistics.median(a - b for a, b in zip(steps, flat_steps))
 
 
+@ray.remote(num_cpus=0)
+class _Gpu:
+    def run(self, fn, *args):
+        return fn(*args)
+
+
+def _padded(layout, rank: int, shares, parts, all_reduce: bool) -> dict:
+    """What ``rank`` sent per level when every chunk was padded to its group's largest."""
+    ranks = layout.nodes[layout.node_of(rank)]
+    held = [sum(shares[j] for j in layout.pieces_of(r)) for r in ranks]
+    n_nodes = len(layout.nodes)
+    intra = (2 if all_reduce else 1) * (len(ranks) - 1) * max(held)
+    inter = 0.0
+    if n_nodes > 1:
+        for j in layout.pieces_of(rank):
+            inter += (2 * (n_nodes - 1) / n_nodes * shares[j] if all_reduce
+                      else (n_nodes - 1) * max(parts[j]))
+    return {INTRA_NODE: intra, INTER_NODE: inter}
+
+
+def _uniform_model(layout, rank: int, shares, all_reduce: bool) -> dict:
+    """The model before it counted real chunks: ``(k_n - 1) / k_n`` of the tensor inside a node
+    and ``(N - 1) / N`` of each held piece across nodes, whatever the chunks."""
+    k_n, n_nodes = len(layout.nodes[layout.node_of(rank)]), len(layout.nodes)
+    twice = 2.0 if all_reduce else 1.0
+    inter = sum(twice * (n_nodes - 1) / n_nodes * shares[j] for j in layout.pieces_of(rank)) if n_nodes > 1 else 0.0
+    return {INTRA_NODE: twice * (k_n - 1) / k_n, INTER_NODE: inter}
+
+
+def _one_gpu(rank, layout, prefix, sizes, numel, rows_bytes, grad_bytes):
+    from ma_ray.comm.aggregation import TwoLevelAggregation
+
+    agg = TwoLevelAggregation(layout, rank, prefix)
+    out = {}
+    local = torch.ones(sizes[rank], 1)
+    full = torch.ones(sum(sizes), 1)
+    flat = torch.ones(numel)
+    for op, run in (("all-gather", lambda: agg.gather_tokens(local, sizes, rows_bytes)),
+                    ("reduce-scatter", lambda: agg.scatter_tokens(full, sizes, rows_bytes)),
+                    ("all-reduce", lambda: agg.allreduce(flat, grad_bytes))):
+        agg.reset_counts()
+        run()
+        out[op] = (dict(agg.sent_bytes), dict(agg.level_bytes))
+    return out
+
+
+def bytes_check(base, splits) -> list:
+    """Per split, op and level: the most any GPU sent and the most the model gives any GPU."""
+    d = stage_durations(base)
+    tokens = base.train.micro_batch_size * base.train.seq_length
+    rows_bytes = tokens * base.model.hidden_size * d.activation_bytes
+    numel = 1_000_003  # a stand-in for the replicated gradients; its pieces' shares are theirs
+    rows = []
+    for k in splits:
+        cfg = base.replace(**{"cluster.attention_gpus": k})
+        layout = TwoLevelLayout.of_plan(make_plan(cfg))
+        sizes = share_counts(tokens, k)
+        prefix = f"bytes{k}"
+        gpus = [_Gpu.remote() for _ in range(k)]
+
+        def join(rank, specs, prefix):
+            from ma_ray.comm import create_group
+            for suffix, ranks, me in specs:
+                create_group(f"{prefix}-{suffix}", [f"{prefix}-{r}" for r in ranks], me, backend="gloo")
+            return True
+
+        ray.get([g.run.remote(join, r, layout.groups_to_join(r), prefix) for r, g in enumerate(gpus)])
+        got = ray.get([g.run.remote(_one_gpu, r, layout, prefix, sizes, numel, rows_bytes, d.replicated_grad_bytes)
+                       for r, g in enumerate(gpus)])
+        for g in gpus:
+            ray.kill(g)
+        token_shares, parts = layout.token_piece_shares(sizes), layout.token_part_shares(sizes)
+        flat_shares = layout.flat_piece_shares(numel)
+        for op, full in (("all-gather", rows_bytes), ("reduce-scatter", rows_bytes),
+                         ("all-reduce", d.replicated_grad_bytes)):
+            all_reduce = op == "all-reduce"
+            for level in (INTRA_NODE, INTER_NODE):
+                sent = [got[r][op][0][level] for r in range(k)]
+                modelled = [got[r][op][1][level] for r in range(k)]
+                shares = flat_shares if all_reduce else token_shares
+                padded = [_padded(layout, r, shares, parts, all_reduce)[level] * full for r in range(k)]
+                uniform = [_uniform_model(layout, r, shares, all_reduce)[level] * full for r in range(k)]
+                exact = all(abs(a - b) <= 1e-9 * max(b, 1.0) for a, b in zip(sent, modelled))
+                rows.append({"split": k, "per_node": [len(n) for n in layout.nodes], "op": op, "level": level,
+                             "max_sent_bytes": max(sent), "max_modelled_bytes": max(modelled),
+                             "sum_sent_bytes": sum(sent), "sum_modelled_bytes": sum(modelled),
+                             "max_padded_bytes": max(padded), "sum_padded_bytes": sum(padded),
+                             "max_uniform_model_bytes": max(uniform), "every_gpu_equal": exact})
+    return rows
+
+
+def print_bytes(rows) -> None:
+    print("bytes sent against bytes modelled, per op and level, GB at the preset's shapes: the most any GPU "
+          "sends (its link paces the level) and the sum over GPUs; 'padded': every chunk padded to the largest, "
+          "as before; 'old model': (k_n - 1) / k_n and (N - 1) / N whatever the chunks")
+    print(f"{'split':>5} {'nodes':>8} {'op':>14} {'level':>10} {'max sent':>9} {'model':>7} {'ratio':>6} "
+          f"{'per GPU':>8} {'padded':>7} {'old model':>9} {'sum sent':>9} {'model':>7} {'padded':>7}")
+    for r in rows:
+        m = r["max_modelled_bytes"]
+        ratio = r["max_sent_bytes"] / m if m else float("nan")
+        print(f"{r['split']:>5} {','.join(map(str, r['per_node'])):>8} {r['op']:>14} {r['level']:>10} "
+              f"{r['max_sent_bytes'] / 1e9:>9.3f} {m / 1e9:>7.3f} {ratio:>6.3f} "
+              f"{'equal' if r['every_gpu_equal'] else 'DIFFER':>8} {r['max_padded_bytes'] / 1e9:>7.3f} "
+              f"{r['max_uniform_model_bytes'] / 1e9:>9.3f} {r['sum_sent_bytes'] / 1e9:>9.3f} "
+              f"{r['sum_modelled_bytes'] / 1e9:>7.3f} {r['sum_padded_bytes'] / 1e9:>7.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--splits", default="12,8", help="attention GPUs of each split at the preset's network")
@@ -144,10 +265,19 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="steps per run, the first dropped")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--bytes-splits", default="9,14", help="splits whose bytes sent are checked against the model ('' for none)")
+    ap.add_argument("--bytes-only", action="store_true", help="only the bytes check")
     args = ap.parse_args()
     mb = args.micro_batches
     base = emulated_paper(mb, args.overrides)
     connect(base.cluster, num_cpus=os.cpu_count())
+    byte_rows = bytes_check(base, [int(k) for k in args.bytes_splits.split(",") if k])
+    if byte_rows:
+        print_bytes(byte_rows)
+    if args.bytes_only:
+        print(json.dumps(byte_rows))
+        ray.shutdown()
+        return
     runs = [(int(k), base.emulation.inter_node_gb_per_s) for k in args.splits.split(",") if k]
     runs += [(int(k), 12.5) for k in args.slow_splits.split(",") if k]
     print(f"emulated paper preset, {mb} micro-batches a step, {args.steps} steps a run (first dropped); "
