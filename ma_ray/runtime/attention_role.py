@@ -185,11 +185,11 @@ class AttentionRole(Role):
         # keeping the gathered micro-batch would cost tokens x hidden per layer on every GPU).
         recompute = self.checkpointing
         with torch.set_grad_enabled(not recompute):
-            h_send, h = self._gathered_ln1(layer, x)
+            h_slice, h = self._gathered_ln1(layer, x)
             if recompute:
                 st["rng"] = rng_state(self.torch_device)
             else:
-                st.update(h_send=h_send, h=h)
+                st.update(h_slice=h_slice, h=h)
             # The whole forward stage's modelled time is queued here, where the heads compute.
             with self.device.compute(ATTENTION_COMPUTE, self.modelled_fwd), self._autocast():
                 partial = shard(h.view(self.batch, self.seq, -1))
@@ -197,7 +197,7 @@ class AttentionRole(Role):
         if not recompute:
             release_output(partial)
             st["partial"] = partial
-        del h_send, h
+        del h_slice, h
         with self.device.compute(ATTENTION_COMPUTE), self._autocast():
             x1, h2, logits = side.post_attention(layer, x, a)
             probs, topk_prob, topk_idx = R.route(logits, self.top_k, self.cfg.moe.norm_topk_prob)
@@ -279,21 +279,21 @@ class AttentionRole(Role):
         st = self.state.pop((mb, layer, "fwd"))
         grad_partial = self._gather(st["a"].grad).view(self.batch, self.seq, -1)
         if "rng" in st:  # checkpointed: the block again, from the layer's input
-            h_send, h = self._gathered_ln1(layer, self.x[mb, layer])
+            h_slice, h = self._gathered_ln1(layer, self.x[mb, layer])
             with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
                 with replayed_rng(self.torch_device, st["rng"]), self._autocast():
                     partial = self.stack.shards[layer](h.view(self.batch, self.seq, -1))
                 release_output(partial)
                 backward([partial], [grad_partial])
         else:
-            h_send, h, partial = st["h_send"], st["h"], st["partial"]
+            h_slice, h, partial = st["h_slice"], st["h"], st["partial"]
             with self.device.compute(ATTENTION_COMPUTE, self.modelled_bwd):
                 backward([partial], [grad_partial])
         del partial, grad_partial
-        grad_h_send = self._scatter(h.grad)
+        grad_h_slice = self._scatter(h.grad)
         del h
         with self.device.compute(ATTENTION_COMPUTE):
-            backward([h_send], [grad_h_send])
+            backward([h_slice], [grad_h_slice])
 
     def embed_bwd(self, mb: int, _layer: int) -> None:
         with self.device.compute(ATTENTION_COMPUTE):
@@ -302,22 +302,30 @@ class AttentionRole(Role):
     # -- helpers ----------------------------------------------------------------------------
 
     def _gathered_ln1(self, layer: int, x: torch.Tensor):
-        """This slice's LayerNorm output in the transfer dtype (a graph root whose data goes once
-        sent) and the whole micro-batch's, gathered over the pool (a leaf): the pool sends the
-        bytes the time model counts, not the fp32 that LayerNorm gives under autocast."""
+        """This slice's LayerNorm output (a graph root whose data goes once sent) and the whole
+        micro-batch's, gathered over the pool (a leaf when grad is on). The pool sends it in
+        the transfer dtype, the bytes the time model counts, not the fp32 LayerNorm gives under
+        autocast: the heads' matmuls round it to that dtype anyway. It comes back in the master
+        dtype, so the heads' input gradient is summed over Q, K and V and over the pool in it,
+        as the reference's one matmul over all heads sums it: in bf16 those sums would round
+        several times more, enough to change a routing choice a few steps on."""
         with self.device.compute(ATTENTION_COMPUTE), self._autocast():
-            h_send = self.stack.side.pre_attention(layer, x).to(self.transfer_dtype)
-        h = self._gather(h_send.detach())
-        release_output(h_send)
-        return h_send, _leaf(h) if torch.is_grad_enabled() else h
+            h_slice = self.stack.side.pre_attention(layer, x)
+        h = self._gather(h_slice.detach().to(self.transfer_dtype)).to(self.master_dtype)
+        release_output(h_slice)
+        return h_slice, _leaf(h) if torch.is_grad_enabled() else h
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
             return self.aggregation.gather_tokens(local, self.slice_sizes, self.rows_bytes)
 
     def _scatter(self, full: torch.Tensor) -> torch.Tensor:
-        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring):
-            return self.aggregation.scatter_tokens(full, self.slice_sizes, self.rows_bytes)
+        """Reduce-scatter ``full``: the partial output projection (the transfer dtype), or the
+        gathered input's gradient (the master dtype, ``_gathered_ln1``), each timed at its own
+        bytes."""
+        scale = full.element_size() / torch.empty((), dtype=self.transfer_dtype).element_size()
+        with self.device.collective(ATTENTION_COLLECTIVES, self.modelled_ring * scale):
+            return self.aggregation.scatter_tokens(full, self.slice_sizes, self.rows_bytes * scale)
 
     def _receive_from_moe(self, st) -> torch.Tensor:
         """Every MoE worker's block for this (micro-batch, layer), chunk by chunk, in dispatch

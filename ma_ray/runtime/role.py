@@ -97,6 +97,7 @@ class Role:
         self._autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if bf16 else nullcontext
         # Activations and their gradients cross between the pools in this dtype.
         self.transfer_dtype = torch.bfloat16 if bf16 else param_dtype(cfg)
+        self.master_dtype = param_dtype(cfg)
         # The sharded gradients at the configured shapes (zero computing for real: the
         # tensors' own bytes are counted); their modelled all-reduce with the counterparts, by
         # whether the reducer compresses (its warm-up crosses dense).
