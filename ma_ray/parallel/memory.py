@@ -26,8 +26,8 @@ Activations: what the roles keep (``runtime.attention_role``, ``runtime.moe_role
     micro-batch's forward to its backward; ``tests/unit/test_memory_kept.py`` measures both
     roles on CPU and holds the sum within 10 % of the count. ``tokens`` = micro_batch_size x
     seq_length; an attention GPU's slice is ceil(tokens / k) of them (sequence parallel), but its
-    heads see the whole micro-batch (the pool all-gathers the LayerNorm output, cast to the
-    transfer dtype first). Outputs that backward reaches only as graph roots (the partial output
+    heads see the whole micro-batch (the pool all-gathers the LayerNorm output in the transfer
+    dtype; the heads take it back in the master dtype, whose gradient the pool reduce-scatters). Outputs that backward reaches only as graph roots (the partial output
     projection, the routed rows, the expert outputs) are freed once sent.
 
     With activation checkpointing (the presets) the attention block is recomputed whole in the
@@ -51,12 +51,13 @@ The paper preset against the seed's 123.7 GB (``memory.*_budget_gb``; ``ma-ray p
     bf16, k = 12, micro-batch 64 x 2048 (131,072 tokens), activation checkpointing on, fused
     attention, one micro-batch in flight:
 
-    * attention GPU (3 heads): 19.1 GB at the peak = 7.1 GB of weights, gradients and AdamW
+    * attention GPU (3 heads): 20.6 GB at the peak = 7.1 GB of weights, gradients and AdamW
       moments (445.6 M parameters x 16 B, of which 420.4 M are replicated, 411.7 M of them the
       embeddings and the LM head) + 4.4 GB kept (1.0 GB a layer, 0.4 GB outside the layers) +
-      7.6 GB for the LM head of its 10,923-token slice with a 50,257 vocabulary. 25.4 GB without
-      checkpointing (the gathered LayerNorm output alone is 64 x 2048 x 4096 x 2 B = 1.07 GB a
-      layer).
+      9.1 GB while a layer is recomputed (the gathered input in fp32 and its three bf16 copies,
+      5.4 GB, and the gathered gradients); the LM head of its 10,923-token slice with a 50,257
+      vocabulary takes 7.6 GB. 42.6 GB without checkpointing, which keeps that gathered input
+      in every layer.
     * MoE GPU (4 experts): 44.6 GB = 34.4 GB of state (2.148 B parameters x 16 B) + 2.7 GB kept
       (4 experts x 16,384 rows) + 7.5 GB for a layer's backward. Without checkpointing 176.6 GB:
       every compute batch (``schedule.communication_chunk_size`` rows) keeps its own bf16 copy
@@ -266,7 +267,9 @@ def attention_activations(cfg: Config, num_heads: int, attention_gpus: int,
 
     per_layer = [
         # Recomputed with checkpointing: LN1, the pool's all-gather and the heads.
-        Term("gathered LN1 output (Q/K/V input, whole micro-batch)", tokens * hidden * a),
+        # Gathered in the activation dtype, taken back to the master dtype (whose gradient the
+        # pool sums), and cast by autocast for each of the Q, K and V matmuls.
+        Term("gathered LN1 output (Q/K/V input, whole micro-batch)", tokens * hidden * (r + (3 * a if w else 0))),
         Term("LN1 statistics", 2 * local * r),
         Term("Q, K, V of this GPU's heads", 3 * tokens * width * a),
         *core,
@@ -297,7 +300,8 @@ def attention_activations(cfg: Config, num_heads: int, attention_gpus: int,
     workspace = [Term("final LN, LM-head logits and their gradients (activation dtype and fp32), "
                       "LM-head weight copies", local * hidden * r + local * m.vocab_size * (2 * a + 2 * f)
                       + 2 * m.vocab_size * hidden * w)]
-    backward_layer = [Term("gradients of the partial O projection and of the gathered input", 2 * tokens * hidden * a)]
+    backward_layer = [Term("gradients of the partial O projection and of the gathered input",
+                           tokens * hidden * (a + r))]
     return ActivationModel(tuple(per_layer), tuple(outside), tuple(workspace), m.num_layers,
                            cfg.schedule.micro_batches_in_flight, tuple(backward_layer))
 

@@ -18,7 +18,8 @@ The prediction of a layout, all of it from functions the runtime and the control
   busiest GPUs' work in the layout (heads, token slice, experts, routed rows), so a group of
   another size is scored by its per-GPU work;
 * the attention pool's aggregation (an all-gather and a reduce-scatter of the micro-batch in each
-  pass, and with activation checkpointing one more all-gather to recompute), added to ``T_a`` as the emulation times it, and the pool-to-pool transfer ``T_c``:
+  pass, with activation checkpointing one more all-gather to recompute, the backward
+  reduce-scatter of the input's gradient in the master dtype), added to ``T_a`` as the emulation times it, and the pool-to-pool transfer ``T_c``:
   ``StageDurations.pool_collective_s`` and ``moe_inbound_s``;
 * the passes: ``step_time.step_time_s`` -- the balancing policy's step-time model -- of the
   copy's micro-batches, layers and micro-batches in flight;
@@ -46,7 +47,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from ma_ray.config import Config, ConfigError
 from ma_ray.parallel.emulation import StageDurations, stage_durations
-from ma_ray.parallel.memory import budget_gb, estimate_gpu, head_params, moe_gpu_params
+from ma_ray.parallel.memory import budget_gb, estimate_gpu, head_params, moe_gpu_params, precision_of
 from ma_ray.parallel.placement import Plan, place
 from ma_ray.parallel.shares import share_counts
 from ma_ray.parallel.split import split_error
@@ -56,11 +57,18 @@ from ma_ray.parallel.workload import Workload
 # Per stage the attention pool all-gathers the micro-batch and reduce-scatters its output in the
 # forward pass, and does both again in the backward pass (``runtime.attention_role``); with
 # activation checkpointing the backward pass gathers the micro-batch once more, to recompute.
+# All move the activation dtype but the backward reduce-scatter of the gathered input's
+# gradient, which moves the master dtype (twice the bytes under bf16).
 AGGREGATION_OPS_PER_STAGE = 4
 
 
-def aggregation_ops_per_stage(cfg: Config) -> int:
-    return AGGREGATION_OPS_PER_STAGE + (1 if cfg.train.activation_checkpointing else 0)
+def aggregation_ops_per_stage(cfg: Config) -> float:
+    """The stage's pool collectives, in collectives of the micro-batch in the activation dtype."""
+    p = precision_of(cfg)
+    wide = p.residual_bytes / p.activation_bytes - 1  # the gradient scatter's extra bytes
+    return AGGREGATION_OPS_PER_STAGE + wide + (1 if cfg.train.activation_checkpointing else 0)
+
+
 # The ways the cross-node level may run, simplest first (the tie-break between equal times).
 COMM_SETTINGS = ((False, "none"), (True, "none"), (True, "bf16"), (True, "topk"))
 
