@@ -365,5 +365,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     return code
 
 
+def entry() -> NoReturn:
+    """The ``ma-ray`` program: ``main``, then the process ends with its code
+    (``runtime.cluster.exit_process`` once Ray has run in it)."""
+    code = main()
+    if "ray" not in sys.modules:
+        sys.exit(code)
+    from ma_ray.runtime.cluster import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -182,6 +182,9 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite is never applied. skip: go on with the next
     # step and count it (Megatron's behaviour); stop: end the run with one line.
     on_nonfinite: Literal["skip", "stop"] = "stop"
+    # With skip: this many skipped steps in a row end the run with one line (exit 1); training
+    # that no longer applies any step is not going on.
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -205,6 +208,10 @@ class ControlConfig:
     # The most seconds joining a cluster may take (train on cluster.address, `ma-ray status`,
     # ma_ray.connect): past it, one line "no ma-ray job reachable at ADDR" instead of Ray's retries.
     connect_timeout_s: float = 5.0
+    # The most seconds the controller may leave the driver's poll unanswered (its control calls
+    # run beside the steps and answer in milliseconds); past it the controller counts as stalled
+    # and is replaced, as after its death.
+    heartbeat_timeout_s: float = 30.0
 
 
 @dataclass
@@ -573,12 +580,17 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
     _require(t.warmup_steps <= t.num_train_steps,
              f"train.warmup_steps: {t.warmup_steps} exceeds train.num_train_steps ({t.num_train_steps})")
     _require(t.max_failures >= 0, f"train.max_failures: must not be negative, got {t.max_failures}")
+    _require(t.max_consecutive_skips >= 1,
+             f"train.max_consecutive_skips: must be at least 1, got {t.max_consecutive_skips}")
     _require(t.keep_checkpoints is None or t.keep_checkpoints >= 1,
              f"train.keep_checkpoints: must be null or at least 1, got {t.keep_checkpoints}")
     _require(cfg.control.worker_timeout_s > 0 and math.isfinite(cfg.control.worker_timeout_s),
              f"control.worker_timeout_s: must be a positive number of seconds, got {cfg.control.worker_timeout_s}")
     _require(cfg.control.connect_timeout_s > 0 and math.isfinite(cfg.control.connect_timeout_s),
              f"control.connect_timeout_s: must be a positive number of seconds, got {cfg.control.connect_timeout_s}")
+    _require(cfg.control.heartbeat_timeout_s > 0 and math.isfinite(cfg.control.heartbeat_timeout_s),
+             f"control.heartbeat_timeout_s: must be a positive number of seconds, "
+             f"got {cfg.control.heartbeat_timeout_s}")
     _require(c.metrics_export_port is None or 1 <= c.metrics_export_port <= 65535,
              f"cluster.metrics_export_port: must be null or a port in [1, 65535], got {c.metrics_export_port}")
     _require(bool(cfg.control.name.strip()), "control.name: must not be empty")

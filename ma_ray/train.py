@@ -7,9 +7,11 @@ named actor ``<control.name>-<job id>``, recorded with the cluster address in ``
 controller drives the steps and writes ``metrics.jsonl`` (``control.metrics_log``); this process
 polls its history (``HistoryRow``: a step's ``StepMetrics`` and decision) to draw the progress
 bar, prints each failure the run recovers from as one line, and starts a new controller when the
-controller itself dies. It ends with a few lines for a person; the whole last record goes to
-``summary.json`` in the run folder. A failure that ends the run is one line (``JobFailed``) with
-its details in the run folder's ``train.log``.
+controller itself dies or stops answering (``control.heartbeat_timeout_s``). Ray's own messages
+about dead workers go to the run folder's ``train.log``, not the terminal. It ends with a few
+lines for a person; the whole last record goes to ``summary.json`` in the run folder. A failure
+that ends the run is one line (``JobFailed``) with its details in ``train.log`` (in the temporary
+folder when the run folder cannot be written).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -38,8 +41,9 @@ from ma_ray.parallel.emulation import compute_setup
 from ma_ray.parallel.placement import make_plan
 from ma_ray.run_folder import RunLock, write_job
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.cluster import connect, metrics_address, release_gpus
+from ma_ray.runtime.cluster import connect, metrics_address, published_errors_to, release_gpus
 from ma_ray.runtime.worker_group import first_line
+from ma_ray.storage import storage_error
 
 POLL_S = 0.5
 NAME_RELEASE_S = 30.0
@@ -95,21 +99,37 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
             raise
         t0 = time.time()
         try:
-            final, rows = _run(cfg, dataset, out, job_id, steps, start, resume, attention_gpus, torch_threads,
-                               progress)
+            with published_errors_to(out / LOG):
+                final, rows = _run(cfg, dataset, out, job_id, steps, start, resume, attention_gpus, torch_threads,
+                                   progress)
         except Exception as exc:
             # The terminal gets one line; the whole story goes to the run folder.
-            with open(out / LOG, "a") as log:
-                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} the run failed\n")
-                traceback.print_exception(exc, file=log)
-            raise JobFailed(f"{_cause_line(exc)} (details: {out / LOG})") from None
+            raise JobFailed(f"{_cause_line(exc)} (details: {_log_failure(out / LOG, job_id, exc)})") from None
     finally:
         lock.release()
     last = rows[-1].to_dict() if rows else {}
     summary = {"out": str(out), "job_id": job_id, **last, "state": final["state"],
                "migrations": final["migrations"], "last_checkpoint": final["last_checkpoint"]}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    try:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    except OSError as exc:
+        raise storage_error(out / SUMMARY, exc) from None
     return {**summary, "text": describe(summary, rows, time.time() - t0, cfg.total_gpus)}
+
+
+def _log_failure(log: Path, job_id: str, exc: BaseException) -> str:
+    """Append ``exc``'s traceback to ``log``, or, when the run folder cannot be written (the
+    failure may be just that), to a file of the temporary folder; returns where it went. Writing
+    the details never replaces the failure itself."""
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} the run failed\n" + "".join(traceback.format_exception(exc))
+    for path in (log, Path(tempfile.gettempdir()) / f"ma-ray-{job_id}-{LOG}"):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return str(path)
+        except OSError:
+            continue
+    return "none written: neither the run folder nor the temporary folder can be written"
 
 
 def launch(cfg: Config, dataset, out: Path, job_id: str, resume: Optional[Path] = None,
@@ -120,11 +140,14 @@ def launch(cfg: Config, dataset, out: Path, job_id: str, resume: Optional[Path] 
     from ma_ray.control.controller import Controller
 
     name, namespace = controller_name(cfg.control.name, job_id), cfg.control.namespace
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    # Where a notebook or `ma-ray status --run` finds this job, and only this one.
-    write_job(out, {"job_id": job_id, "address": ray.get_runtime_context().gcs_address, "name": name,
-                    "namespace": namespace, "metrics": metrics_address(),
-                    "connect_timeout_s": cfg.control.connect_timeout_s})
+    try:
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        # Where a notebook or `ma-ray status --run` finds this job, and only this one.
+        write_job(out, {"job_id": job_id, "address": ray.get_runtime_context().gcs_address, "name": name,
+                        "namespace": namespace, "metrics": metrics_address(),
+                        "connect_timeout_s": cfg.control.connect_timeout_s})
+    except OSError as exc:
+        raise storage_error(exc.filename or out, exc) from None
     # The controller runs on this process's node (the head, under `ray job submit`): a worker
     # node's loss then costs its workers only, and the controller restarts them elsewhere.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -152,16 +175,30 @@ def _cause_line(exc: BaseException) -> str:
     return first_line(exc)
 
 
+class ControllerStalled(Exception):
+    """The controller did not answer the driver within its bound: it is replaced, as a dead one."""
+
+
+def _answer(ref, timeout_s: float, what: str):
+    """``ray.get(ref)`` within ``timeout_s``; ControllerStalled naming ``what`` past it."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ControllerStalled(f"no answer to {what} within {timeout_s:g} s (a stall)") from None
+
+
 def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, attention_gpus, torch_threads,
          progress: bool):
-    """Start the controller and follow it to the end; a controller that dies is replaced by one
-    that continues from the latest checkpoint, within ``train.max_failures``. Returns the
-    controller's final status and the rows of the steps this run trained."""
+    """Start the controller and follow it to the end; a controller that dies or stops answering
+    is replaced by one that continues from the latest checkpoint, within ``train.max_failures``.
+    Returns the controller's final status and the rows of the steps this run trained."""
     name, namespace = controller_name(cfg.control.name, job_id), cfg.control.namespace
     seen = _Seen(step=start - 1)
     log = MetricsLog(out / "metrics.jsonl")
     before = len(log.failures())  # an earlier run's, in a resumed folder: not this run's budget
     recovering, deaths = None, 0  # deaths: controllers of this run that died
+    # Set-up reserves the GPUs and builds every worker: bounded by what those calls may take.
+    setup_s = cfg.cluster.placement_timeout_s + cfg.control.worker_timeout_s + cfg.control.heartbeat_timeout_s
     bar = None
     try:
         while True:
@@ -172,38 +209,44 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
             ready = controller.ping.remote()
             run = controller.run.remote()
             try:
+                if not ray.wait([ready, run], num_returns=1, timeout=setup_s)[0]:
+                    raise ControllerStalled(f"set-up did not end within {setup_s:g} s (a stall)")
                 if bar is None:
-                    ray.wait([ready, run], num_returns=1)  # set up (or failed): the first step starts now
                     # Steps done out of the run's total, so a resumed run reads 4/70.
                     bar = tqdm(total=steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
                 _follow(controller, run, bar, cfg, seen)
                 final = ray.get(run)  # raises what the run raised
                 break
-            except ray.exceptions.RayActorError as exc:
-                if exc.actor_init_failed:
+            except (ray.exceptions.RayActorError, ControllerStalled) as exc:
+                if isinstance(exc, ray.exceptions.RayActorError) and exc.actor_init_failed:
                     raise  # not a death: the controller could not start (the cluster cannot hold the job, ...)
                 # A dead actor's name is freed once nothing refers to it, and the traceback's
                 # frames (``_follow``'s) hold its handle, in a cycle only the collector would break.
                 traceback.clear_frames(exc.__traceback__)
+                if isinstance(exc, ControllerStalled):
+                    ray.kill(controller)  # its workers die with their owner
                 controller = run = ready = None
                 release_gpus(incarnation_name(name, deaths))  # its workers died with it; its GPUs did not
-                # The controller died, and its workers and placement group with it: a new one
-                # continues from the latest checkpoint, as after a worker's failure.
+                # A new controller continues from the latest checkpoint, as after a worker's failure.
                 done = log.rows()
+                why = str(exc) if isinstance(exc, ControllerStalled) else first_line(exc)
                 failure = Failure(max((r["step"] for r in done if "step" in r), default=start - 1) + 1,
-                                  "controller", {"controller": first_line(exc)}, time.time())
+                                  "controller", {"controller": why}, time.time())
                 used = len(log.failures()) - before + 1
                 if used > cfg.train.max_failures:
                     log.append(failure.to_dict())
                     raise JobFailed(f"{failure.line()} (failure {used}, more than "
                                     f"train.max_failures={cfg.train.max_failures})") from None
                 (bar.write if bar is not None else print)(failure.line() + "; starting a new controller")
-                # The new one records it, and its history starts at its checkpoint.
-                recovering, seen.failures, seen.step = failure.to_dict(), used - 1, -1
-                deaths += 1
                 newest = checkpoint.latest_intact(out / "checkpoints", warn=bar.write if bar is not None else print)
                 if newest is not None:
                     resume, attention_gpus = newest, None
+                # The new one records the failure, and its history starts after its checkpoint.
+                resumed = checkpoint.read_meta(newest)["step"] if newest is not None else start - 1
+                recovering, seen.failures = failure.to_dict(), used - 1
+                seen.step = resumed
+                seen.rows = [r for r in seen.rows if r.step <= resumed]
+                deaths += 1
     finally:
         if bar is not None:
             bar.close()
@@ -237,18 +280,23 @@ class _Seen:
 
 def _follow(controller, run, bar, cfg, seen: _Seen) -> None:
     """Draw the progress of ``controller``'s ``run`` until it ends, and print each failure it
-    recovers from as one line. The rows themselves are written by the controller
-    (``control.metrics_log``)."""
+    recovers from as one line, once it has recovered (a failure that ends the run is the run's
+    error line). Every call to the controller is bounded by ``control.heartbeat_timeout_s``. The
+    rows themselves are written by the controller (``control.metrics_log``)."""
+    heartbeat_s = cfg.control.heartbeat_timeout_s
     done = False
     while not done:
         done = bool(ray.wait([run], timeout=POLL_S)[0])
-        for f in ray.get(controller.failures_since.remote(seen.failures)):
+        failures = _answer(controller.failures_since.remote(seen.failures), heartbeat_s, "a poll of its failures")
+        for i, f in enumerate(failures):
+            if f["resumed_from"] is None and i == len(failures) - 1:
+                break  # recovering now: shown once it has
             seen.failures += 1
-            if f["resumed_from"] is not None:  # one that ends the run is the run's error line
-                bar.write(Failure(**f).line())
+            bar.write(Failure(**f).line())
+            if f["resumed_from"] is not None:
                 seen.step = min(seen.step, f["resumed_from"])
                 seen.rows = [r for r in seen.rows if r.step <= seen.step]
-        for row in ray.get(controller.rows_since.remote(seen.step)):
+        for row in _answer(controller.rows_since.remote(seen.step), heartbeat_s, "a poll of its steps"):
             seen.rows = [r for r in seen.rows if r.step < row.step] + [row]
             seen.step, m = row.step, row.metrics
             if m.skipped and cfg.train.on_nonfinite == "skip":

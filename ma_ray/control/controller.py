@@ -24,7 +24,8 @@ from ray.util import metrics as ray_metrics
 from ma_ray.config import Config, check_split
 from ma_ray.control.client import controller_name, incarnation_name
 from ma_ray.control.elastic import shrunk
-from ma_ray.control.faults import Failure, NonFiniteStep, step_deadline_s
+from ma_ray.control.faults import (Failure, NonFiniteStep, move_deadline_s, save_deadline_s, skipped_in_a_row,
+                                   step_deadline_s)
 from ma_ray.control.metrics_log import GROW_EVENT, MetricsLog
 from ma_ray.control.migration_cost import MigrationCostModel
 from ma_ray.control.policy import IDLE, BalancingPolicy, Decision
@@ -32,11 +33,12 @@ from ma_ray.control.predictor import PredictionError, StageTimePredictor
 from ma_ray.parallel.step_time import PipelineShape, step_time_s
 from ma_ray.run_folder import new_job_id
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.checkpoint import StorageError, latest_intact
+from ma_ray.runtime.checkpoint import latest_intact
 from ma_ray.runtime.cluster import ClusterError
 from ma_ray.runtime.job import CLOSE_TIMEOUT_S, TrainingJob
 from ma_ray.runtime.step_metrics import StepMetrics
 from ma_ray.runtime.worker_group import WorkerCallFailed
+from ma_ray.storage import StorageError, write_speed
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,16 @@ class Controller:
         self.window: List[tuple] = []  # (T_a, T_m) measured since the last decision
         self.checkpoints = self.out / "checkpoints"
         checkpoint.clean_orphans(self.checkpoints)  # what saves cut short by a crash left behind
+        # A save's deadline comes from its bytes over the slowest write speed seen on this disk:
+        # measured here first (a folder that cannot be written fails here, named), then by
+        # every save.
+        self.write_speeds = [write_speed(self.checkpoints)]
         folder = None if resume is None else Path(resume)  # a verified checkpoint (the driver chose it)
         if folder is not None:
             attention_gpus = self._restore(folder, attention_gpus)
         self.start_step = 0 if folder is None else checkpoint.read_meta(folder)["step"] + 1
         self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
+        redone = sum(1 for r in self.metrics_log.rows() if "event" not in r and r.get("step", -1) >= self.start_step)
         self.metrics_log.rewind(self.start_step - 1)  # the steps past the checkpoint are trained again
         self.failures = [Failure(**row) for row in earlier_failures]
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
@@ -140,7 +147,7 @@ class Controller:
             failure = Failure(**recovering)
             if shrank:  # the node that held the dead controller may be gone with it
                 failure.notes.append(self._shrunk_note(self.job))
-            failure.recovered(self.start_step - 1, time.time() - recovering["detected_at"])
+            failure.recovered(self.start_step - 1, time.time() - recovering["detected_at"], redone)
             self.failures.append(failure)
             self.metrics_log.append(failure.to_dict())
         self.gauges = _Gauges(self.job_id)
@@ -167,24 +174,19 @@ class Controller:
             step = self.start_step
             while step < self.end_step:
                 self.unpaused.wait()
-                started, deadline_s = time.time(), None
                 try:
                     if self._apply_requests(step):
                         break
                     t0 = time.perf_counter()
-                    deadline_s = self._step_deadline_s()
-                    metrics = self.job.step(step, timeout_s=deadline_s)
-                    deadline_s = None  # what may fail next (a save, a move) has its own bound
+                    metrics = self.job.step(step, timeout_s=self._step_deadline_s())
                     self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
-                    if metrics.skipped and self.cfg.train.on_nonfinite == "stop":
-                        raise NonFiniteStep(f"step {step}: the loss is {metrics.loss} and the gradient norm "
-                                            f"{metrics.grad_norm}; the step was not applied and the run stops "
-                                            f"(train.on_nonfinite=stop)")
+                    if metrics.skipped:
+                        self._check_skips(step, metrics)
                     step += 1
                 except WorkerCallFailed as exc:
                     if _storage_only(exc):
                         raise  # a full disk or a read-only folder: a restart would fail the same way
-                    failure = Failure(step, exc.operation, exc.failures, time.time(), started, deadline_s)
+                    failure = Failure(step, exc.operation, exc.failures, time.time(), exc.started_at, exc.timeout_s)
                     step = self._recover(failure, exc)
             self._checkpoint(self.step)
             self.state = "stopped" if self.stop_requested else "finished"
@@ -195,6 +197,21 @@ class Controller:
             # After a failure the groups may be broken and a worker stalled: kill, do not wait.
             self.job.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
         return self.status()
+
+    def _check_skips(self, step: int, metrics: StepMetrics) -> None:
+        """End the run on a skipped step, as ``train.on_nonfinite`` and
+        ``train.max_consecutive_skips`` say."""
+        t = self.cfg.train
+        if t.on_nonfinite == "stop":
+            raise NonFiniteStep(f"step {step}: the loss is {metrics.loss} and the gradient norm "
+                                f"{metrics.grad_norm}; the step was not applied and the run stops "
+                                f"(train.on_nonfinite=stop)")
+        with self.lock:
+            streak = skipped_in_a_row([r.metrics.skipped for r in self.history])
+        if streak >= t.max_consecutive_skips:
+            raise NonFiniteStep(f"steps {step - streak + 1}-{step}: {streak} steps in a row had a non-finite loss or "
+                                f"gradient norm and were skipped (train.max_consecutive_skips="
+                                f"{t.max_consecutive_skips}); the last applied step is {step - streak}")
 
     def _step_deadline_s(self) -> float:
         """How long the next step may take before it counts as stalled (``faults``)."""
@@ -237,15 +254,17 @@ class Controller:
                 continue
             break
         resumed = -1 if folder is None else checkpoint.read_meta(folder)["step"]
+        redone = sum(1 for r in self.history if r.step > resumed)
         if job.cfg.total_gpus != self.cfg.total_gpus:
             shrank = job.cfg.total_gpus != self.full_cfg.total_gpus
             self._adopt(job.cfg if shrank else self.full_cfg)
             if shrank:
                 failure.notes.append(self._shrunk_note(job))
-        failure.recovered(resumed, time.perf_counter() - t0)
+        recover_s = time.perf_counter() - t0
         self.metrics_log.rewind(resumed)
-        self.metrics_log.append(failure.to_dict())
-        with self.lock:
+        self.metrics_log.append(dict(failure.to_dict(), resumed_from=resumed, recover_s=recover_s, steps_lost=redone))
+        with self.lock:  # a client sees the failure recovered only with the history it resumed from
+            failure.recovered(resumed, recover_s, redone)
             self.job = job
             self.history = [r for r in self.history if r.step <= resumed]
             self.measured_from = len(self.history)
@@ -297,7 +316,10 @@ class Controller:
 
     def _migrate(self, step: int, k: int, reason: str) -> None:
         before = self.job.plan.attention_gpus
-        result = self.job.apply_split(k)
+        measured = self.migration_cost.migrations > 0  # the defaults' guess is not a bound
+        deadline_s = move_deadline_s(self.migration_cost.estimate(before, k) if measured else None,
+                                     self.cfg.comm.synchronization_timeout_ms, self.cfg.control.worker_timeout_s)
+        result = self.job.apply_split(k, timeout_s=deadline_s)
         with self.lock:
             self.measured_from = len(self.history)  # the new split's steps are measured afresh
         record = {"before_step": step, "from": before, "to": k, "reason": reason, **result}
@@ -361,12 +383,26 @@ class Controller:
     def _checkpoint(self, step: int) -> None:
         if step < 0 or (self.last_checkpoint or "").endswith(f"step-{step:08d}"):
             return
+        state_bytes = self._state_bytes()
+        t0 = time.perf_counter()
         folder = checkpoint.save(self.job, self.checkpoints, step,
                                  {"predictor": self.predictor.state_dict(), "policy": self.policy.state_dict(),
                                   "migration_cost": self.migration_cost.state_dict()},
-                                 keep=self.cfg.train.keep_checkpoints)
+                                 keep=self.cfg.train.keep_checkpoints,
+                                 timeout_s=save_deadline_s(state_bytes, min(self.write_speeds),
+                                                           self.cfg.control.worker_timeout_s))
+        written = checkpoint.read_meta(folder)["bytes"]
+        self.write_speeds = (self.write_speeds + [written / max(time.perf_counter() - t0, 1e-6)])[-RECENT_SAVES:]
         with self.lock:
             self.last_checkpoint = str(folder)
+
+    def _state_bytes(self) -> float:
+        """What the next save writes: the last checkpoint's bytes, or before one the model's
+        training state (parameters and both moments, twice over for what else a worker may
+        write: gradient compression's residuals)."""
+        if self.last_checkpoint is not None:
+            return checkpoint.read_meta(Path(self.last_checkpoint))["bytes"]
+        return 2 * self.migration_cost.state_bytes()
 
     # -- control calls (other threads) ------------------------------------------------------
 
@@ -449,6 +485,9 @@ class Controller:
 
     def ping(self) -> float:
         return time.time()
+
+
+RECENT_SAVES = 5  # saves whose write speed the next save's deadline looks back on
 
 
 def _storage_only(exc: WorkerCallFailed) -> bool:

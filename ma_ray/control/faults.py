@@ -13,6 +13,11 @@ before any worker has failed, the wait goes on for ``comm.synchronization_timeou
 (``WorkerGroup``'s settle time) for the stalled worker's peers to fail by themselves and name it.
 Measured steps count as well as the prediction because the predictor models compute stages only: on a tiny
 model, Ray's and the collectives' overheads are most of a step.
+
+Calls other than a step are bounded the same way, by what they do: a checkpoint save by its bytes
+over the slowest write speed measured on the run's disk (``save_deadline_s``), a move by its
+migration's predicted pause once one has been measured (``move_deadline_s``), each with
+``DEADLINE_FACTOR`` of headroom and ``CALL_OVERHEAD_S`` for the call itself.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ma_ray.errors import MaRayError
 
 DEADLINE_FACTOR = 3.0  # headroom over the expected step for the noise of a shared machine
 RECENT_STEPS = 5  # measured steps the expectation looks back on
+CALL_OVERHEAD_S = 5.0  # a call's own cost on a loaded host (scheduling, pickling), whatever it moves
 
 FAILURE_EVENT = "failure"
 
@@ -44,6 +50,35 @@ def step_deadline_s(predicted_s: float, recent_wall_s: Sequence[float], synchron
     return min(first_step_timeout_s, DEADLINE_FACTOR * expected + synchronization_timeout_ms / 1000)
 
 
+def save_deadline_s(state_bytes: float, write_bytes_per_s: float, first_call_timeout_s: float) -> float:
+    """Seconds a checkpoint save of ``state_bytes`` may take on a disk measured at
+    ``write_bytes_per_s`` (never more than ``control.worker_timeout_s``)."""
+    if not (write_bytes_per_s > 0 and math.isfinite(write_bytes_per_s)):
+        return first_call_timeout_s
+    return min(first_call_timeout_s, DEADLINE_FACTOR * state_bytes / write_bytes_per_s + CALL_OVERHEAD_S)
+
+
+def move_deadline_s(predicted_pause_s: Optional[float], synchronization_timeout_ms: float,
+                    first_call_timeout_s: float) -> float:
+    """Seconds a move may take: ``DEADLINE_FACTOR`` times its predicted pause, calibrated by a
+    measured move (None before one: ``control.worker_timeout_s``, as for an unmeasured step), plus
+    the time its peers wait before they fail on their own."""
+    if predicted_pause_s is None or not math.isfinite(predicted_pause_s):
+        return first_call_timeout_s
+    return min(first_call_timeout_s, DEADLINE_FACTOR * predicted_pause_s + CALL_OVERHEAD_S
+               + synchronization_timeout_ms / 1000)
+
+
+def skipped_in_a_row(skipped: Sequence[bool]) -> int:
+    """How many of the last steps in ``skipped`` (one flag per step, in order) were skipped."""
+    n = 0
+    for flag in reversed(skipped):
+        if not flag:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Failure:
     """One failure of a run: at which step, in which operation, on which workers (name -> first
@@ -59,7 +94,7 @@ class Failure:
     operation: str
     workers: Dict[str, str]
     detected_at: float
-    step_started_at: Optional[float] = None
+    step_started_at: Optional[float] = None  # when the failed call began (a step, a save, a move)
     deadline_s: Optional[float] = None  # the bound the failed call had
     notes: List[str] = field(default_factory=list)  # damaged checkpoints passed over on the way back
     recover_s: Optional[float] = None
@@ -67,9 +102,10 @@ class Failure:
     steps_lost: Optional[int] = None
     event: str = field(default=FAILURE_EVENT)
 
-    def recovered(self, resumed_from: int, recover_s: float) -> "Failure":
-        self.resumed_from, self.recover_s = resumed_from, recover_s
-        self.steps_lost = max(0, self.failed_step - (resumed_from + 1))
+    def recovered(self, resumed_from: int, recover_s: float, steps_lost: int) -> "Failure":
+        """Record the recovery: from the checkpoint of ``resumed_from``, ``steps_lost`` finished
+        steps (counted by their rows: a step whose save failed had finished) to do again."""
+        self.resumed_from, self.recover_s, self.steps_lost = resumed_from, recover_s, steps_lost
         return self
 
     def line(self) -> str:

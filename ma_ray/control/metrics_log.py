@@ -6,6 +6,9 @@ per return to the whole cluster after an elastic restart (``"event": "grow"``).
 A run that resumes from the checkpoint of step S (after a restart by hand or a recovery) first
 drops the step rows past S, which it will train again, so the file holds one row per step,
 always, whoever died when. Event rows are kept: they are the run's record of what happened.
+
+Every row is on disk whole or not at all (``storage.append_whole``), so a reader of the live
+file never meets half a row, and a write the disk refuses is one ``StorageError`` naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import List
 
 from ma_ray.control.faults import FAILURE_EVENT
+from ma_ray.storage import append_whole, storage_error
 
 GROW_EVENT = "grow"
 
@@ -43,11 +47,14 @@ class MetricsLog:
         """Keep the step rows up to ``last_step`` (-1: none) and every event row, replacing the
         file atomically."""
         kept = [r for r in self.rows() if "event" in r or r.get("step", -1) <= last_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(exc.filename or self.path, exc) from None
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_whole(self.path, (json.dumps(row) + "\n").encode())

@@ -79,6 +79,12 @@ class MigrationCostModel:
                 received[change.slot] = received.get(change.slot, 0) + self.replicated_bytes
         return {"total": sum(received.values()), "busiest_receiver": max(received.values(), default=0)}
 
+    def state_bytes(self) -> int:
+        """Bytes of the whole training state: every head, expert and the replicated attention
+        side once, with their master copies and moments."""
+        _, _, heads, experts = self._topology
+        return heads * self.head_bytes + experts * self.expert_bytes + self.replicated_bytes
+
     def raw_estimate(self, old_k: int, new_k: int) -> float:
         """The uncorrected estimate (ratio 1)."""
         if old_k == new_k:

@@ -26,7 +26,6 @@ is reseeded from (seed, step, worker) every step.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -39,13 +38,13 @@ from typing import Callable, List, Optional
 from ma_ray.errors import MaRayError
 from ma_ray.runtime.links import worker_name
 from ma_ray.runtime.migration import owned_names
+from ma_ray.storage import storage_error
 
 LATEST = "latest"
 SHARD_INDEX = "shards.json"
 
 
 META = "meta.json"
-LOW_SPACE_BYTES = 1 << 20  # below it, a failed write is put down to a full disk
 STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 ORPHAN = re.compile(r"^\.(step-\d{8}|latest)\.tmp-[0-9a-f]{8}$")
 
@@ -54,34 +53,15 @@ class CheckpointError(MaRayError):
     pass
 
 
-class StorageError(CheckpointError, RuntimeError):
-    """A checkpoint could not be written (a full disk, a read-only folder): one line naming the
-    path and the cause. Not a fault a restart cures."""
-
-
-def storage_error(path, exc: Exception) -> StorageError:
-    """``exc``, raised writing ``path``, as one line. torch reports a full disk only as its
-    writer's failure (``unexpected pos ...``), so the free space is looked at too."""
-    text = str(exc).strip()
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-        text.splitlines()[0] if text else type(exc).__name__)
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    # An OSError says what it is; torch's writer errors do not.
-    if (exc.errno == errno.ENOSPC) if isinstance(exc, OSError) and exc.errno else free < LOW_SPACE_BYTES:
-        cause = f"no space left on the device ({free // 1024} KiB free)"
-    return StorageError(f"cannot write {path}: {cause}")
-
-
 def step_folder(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def save(job, root: Path, step: int, extra: Optional[dict] = None, keep: Optional[int] = None) -> Path:
-    """Write the job's state after ``step`` into ``root``; returns the checkpoint folder. With
-    ``keep``, only the newest ``keep`` checkpoints stay."""
+def save(job, root: Path, step: int, extra: Optional[dict] = None, keep: Optional[int] = None,
+         timeout_s: Optional[float] = None) -> Path:
+    """Write the job's state after ``step`` into ``root``, the workers' writes bounded by
+    ``timeout_s``; returns the checkpoint folder. With ``keep``, only the newest ``keep``
+    checkpoints stay."""
     final = step_folder(root, step)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -90,7 +70,7 @@ def save(job, root: Path, step: int, extra: Optional[dict] = None, keep: Optiona
     except OSError as exc:
         raise storage_error(exc.filename or tmp, exc) from None
     try:
-        shards = job.save_shards(str(tmp))
+        shards = job.save_shards(str(tmp), timeout_s=timeout_s)
         meta = {"step": step, "attention_gpus": job.plan.attention_gpus, "plan": job.plan.to_dict(),
                 "config": job.cfg.to_dict(), "bytes": sum(s["bytes"] for s in shards.values()),
                 "shards": shards, **(extra or {})}

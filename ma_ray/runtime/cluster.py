@@ -18,9 +18,14 @@ topology gets a one-line error saying what was needed and what is there.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from typing import Optional
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn, Optional
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -162,7 +167,8 @@ def _hide_worker_pool_warning() -> None:
     its CPU count of worker processes, which one actor per GPU does by design on a small host;
     it carries no advice for a user of ma-ray. Ray has no switch for it, so the driver's printer
     of published errors (``ray._private.worker.print_to_stdstream``) skips that one message;
-    any other goes through. Ray's own log files keep it."""
+    any other goes through, to the terminal or, inside ``published_errors_to``, to a log. Ray's
+    own log files keep it."""
     from ray._private import worker as ray_worker
 
     printer = getattr(ray_worker, "print_to_stdstream", None)
@@ -171,7 +177,10 @@ def _hide_worker_pool_warning() -> None:
 
     def print_to_stdstream(data, *args, **kwargs):
         lines = [line for line in data.get("lines", []) if _WORKER_POOL_WARNING not in line]
-        if lines or not data.get("lines"):
+        sink = _published_errors_sink
+        if sink is not None and data.get("pid") == "raylet":
+            _append_lines(sink, lines)
+        elif lines or not data.get("lines"):
             printer({**data, "lines": lines}, *args, **kwargs)
 
     print_to_stdstream._ma_ray_filter = True
@@ -179,6 +188,29 @@ def _hide_worker_pool_warning() -> None:
 
 
 _WORKER_POOL_WARNING = "worker processes have been started on node"
+_published_errors_sink: Optional[Path] = None
+
+
+@contextmanager
+def published_errors_to(log: Path):
+    """Inside: the errors Ray publishes to this driver (``(raylet) A worker died ...``, several
+    lines each, for deaths the run already reports in one line) are appended to ``log`` instead
+    of the terminal."""
+    global _published_errors_sink
+    _hide_worker_pool_warning()
+    before, _published_errors_sink = _published_errors_sink, Path(log)
+    try:
+        yield
+    finally:
+        _published_errors_sink = before
+
+
+def _append_lines(log: Path, lines) -> None:
+    try:
+        with open(log, "a") as f:
+            f.writelines(f"{time.strftime('%Y-%m-%d %H:%M:%S')} (raylet) {line}\n" for line in lines)
+    except OSError:
+        pass  # the run reports its own failures; Ray's account of them is not worth a second one
 
 
 def describe_cluster() -> str:
@@ -220,3 +252,20 @@ def reserve_gpus(cluster_cfg, job: str):
                            f"(cluster.placement_timeout_s): needed {need}, one node each; "
                            f"the cluster has {describe_cluster()}") from None
     return pg
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``: Ray shut down, logs and output flushed, and no
+    interpreter teardown. Ray 2.60 leaves native threads running after ``ray.shutdown()`` (its
+    GCS client's io service, gRPC's pollers and timers; Python cannot join them), and the
+    interpreter's teardown of the modules they call into can crash under them, turning a run or a
+    test session that succeeded into exit 139."""
+    if ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

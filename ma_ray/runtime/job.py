@@ -67,14 +67,14 @@ class TrainingJob:
         """A slot's worker as errors name it: its place and its role in the current plan."""
         return f"{worker_name(*slot)} ({self.plan.replica_at(slot).at_slot(slot).role})"
 
-    def apply_split(self, attention_gpus: int) -> dict:
+    def apply_split(self, attention_gpus: int, timeout_s: Optional[float] = None) -> dict:
         """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
         from their old to their new owners (worker to worker), GPUs whose role changes become
         workers of the other pool, and the collective groups are rebuilt. Only what moves
         travels (``migration.plan_shipments``): every old worker cuts exactly the names its new
         holders lack, one object per shipment, and what a worker keeps stays in place. Returns
         what moved, the bytes each worker received from each other (``received_bytes``) and the
-        pause it cost."""
+        pause it cost. ``timeout_s`` bounds the workers' move (default ``control.worker_timeout_s``)."""
         # The policy's range may have been changed at run time; the caller checked it.
         new_plan = make_plan(self.cfg, attention_gpus, within_policy=False)
         t0 = time.perf_counter()
@@ -100,7 +100,8 @@ class TrainingJob:
         self.generation += 1
         answers = self.workers.become(lambda slot: ((self.cfg, new_plan, slot, self.name, self.generation,
                                                      self._dataset_ref, incoming[slot]),
-                                                    {"carry": True, "residual_parts": old_attention}))
+                                                    {"carry": True, "residual_parts": old_attention}),
+                                     timeout_s=timeout_s)
         del refs, incoming, residual_refs, old_attention  # the shipped objects leave the store
         self.plan = new_plan
         self._release_rendezvous_actors(old_generation, old_plan)
@@ -171,10 +172,11 @@ class TrainingJob:
         return {node: residuals.assemble({0: range(numel)}, parts, {node})[0]
                 for node in sorted({node for node, *_ in parts})}
 
-    def save_shards(self, folder: str) -> Dict[str, dict]:
-        """Each worker writes what it is the single source of into ``folder``; returns each
-        file's record by its path in the folder (``Worker.save_shard``)."""
-        records = [r for written in self.workers.save_shard(folder).values() for r in written]
+    def save_shards(self, folder: str, timeout_s: Optional[float] = None) -> Dict[str, dict]:
+        """Each worker writes what it is the single source of into ``folder`` within ``timeout_s``
+        (default ``control.worker_timeout_s``); returns each file's record by its path in the
+        folder (``Worker.save_shard``)."""
+        records = [r for written in self.workers.save_shard(folder, timeout_s=timeout_s).values() for r in written]
         return {r["file"]: {k: v for k, v in r.items() if k != "file"} for r in records}
 
     def shutdown(self, timeout_s: Optional[float] = CLOSE_TIMEOUT_S) -> None:

@@ -130,6 +130,12 @@ class Links:
         self.everyone = join(f"{base}-all", [worker_name(g.node, g.local_gpu) for c in copies for g in c.gpus],
                              plan.replica * plan.total_gpus + me.gpu)
 
+    def reducers(self) -> list:
+        """Every reducer of this worker's gradients, once: the counterparts' and the pool's
+        cross-node level (what keeps error-feedback residuals)."""
+        found = [self.counterpart_reducer] + ([self.gradients.reducer] if self.gradients is not None else [])
+        return list({id(r): r for r in found}.values())
+
     def close(self) -> None:
         for name in reversed(self._names):
             groups.destroy_group(name)

@@ -121,6 +121,7 @@ class Role:
         self.device.start_step()
         self.begin_step(step)
         self.links.counterpart_reducer.begin_step(step)
+        undo_residuals = self._residuals_undo() if self.cfg.train.on_nonfinite == "skip" else None
         with self.timer.wall(PASSES):  # the passes, first op to the device's last, for overlap figures
             for op in self.schedule:
                 self._handlers[op.kind](op.micro, op.layer)
@@ -147,12 +148,31 @@ class Role:
             # worker skips alike, and the schedule does not advance (Megatron's skipped step);
             # whether the run goes on is the controller's call (train.on_nonfinite).
             result.skipped = True
+            if undo_residuals is not None:
+                undo_residuals()
         result.grad_norm, result.lr = norm, lr
         result.timings = self.timer.totals()
         result.level_bytes = self.step_level_bytes()
         if counterpart_bytes:  # the counterparts are all on other nodes
             result.level_bytes[INTER_NODE] = result.level_bytes.get(INTER_NODE, 0.0) + counterpart_bytes
         return result
+
+    def _residuals_undo(self) -> Callable[[], None]:
+        """What puts the error-feedback residuals back as they were before this step (the
+        reducers', and those no reducer keeps, which go with this step's gradients): a skipped
+        step leaves the training state as the last applied step left it, or one non-finite
+        gradient would stay in the residuals and poison every later step."""
+        kept = [(r, {piece: t.clone() for piece, t in r.residuals().items()}) for r in self.links.reducers()]
+        unsent = self.unsent_shards
+
+        def undo() -> None:
+            with torch.no_grad():
+                for reducer, before in kept:
+                    for piece, residual in reducer.residuals().items():
+                        # In place: the reducer's error feedback holds views of it.
+                        residual.copy_(before[piece]) if piece in before else residual.zero_()
+            self.unsent_shards = unsent
+        return undo
 
     def modelled_bytes(self, rows: int) -> float:
         """Bytes that ``rows`` activation rows stand for at the configured shapes (0 computing

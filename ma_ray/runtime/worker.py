@@ -28,7 +28,7 @@ from ma_ray.runtime import residuals
 from ma_ray.runtime.attention_role import AttentionRole
 from ma_ray.runtime.device import ModelledDevice, RealDevice
 from ma_ray.runtime.links import Links, worker_name
-from ma_ray.runtime.checkpoint import CheckpointError, file_digest, read_shard_index, shard_file, storage_error
+from ma_ray.runtime.checkpoint import CheckpointError, file_digest, read_shard_index, shard_file
 from ma_ray.runtime.migration import (SHARD_RESIDUAL, TENSOR_KEYS, from_wire, names_of, owned_names, payload_bytes,
                                       restrict, to_wire)
 from ma_ray.runtime.moe_role import MoERole
@@ -36,6 +36,7 @@ from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import COMPRESSION
 from ma_ray.runtime.transport import ChunkTransport, ModelledBlockTransport
 from ma_ray.runtime.worker_group import ONE_TO_ALL, PER_SLOT, dispatch
+from ma_ray.storage import storage_error
 
 LOOPBACK = "127.0.0.1"
 

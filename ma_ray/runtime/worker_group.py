@@ -37,12 +37,15 @@ _ATTR = "_ma_ray_dispatch"
 class WorkerCallFailed(MaRayError, RuntimeError):
     """A group call failed on some workers; the message names each and its first error line.
     ``operation`` is the call's label and ``failures`` maps each failed worker (as ``describe``
-    names it) to its first error line, for the failure's record."""
+    names it) to its first error line, for the failure's record; ``started_at`` (wall clock) and
+    ``timeout_s`` are the call's start and bound, when it was a group call."""
 
-    def __init__(self, message: str, operation: str = "", failures: Optional[Dict[str, str]] = None):
+    def __init__(self, message: str, operation: str = "", failures: Optional[Dict[str, str]] = None,
+                 started_at: Optional[float] = None, timeout_s: Optional[float] = None):
         super().__init__(message)
         self.operation = operation
         self.failures = dict(failures or {})
+        self.started_at, self.timeout_s = started_at, timeout_s
 
 
 def dispatch(mode: str, label: str, blocking: bool = True, num_returns: Optional[Callable[..., int]] = None):
@@ -113,7 +116,7 @@ class WorkerGroup:
     def gather(self, refs: Dict[Tuple[int, int], "ray.ObjectRef"], what: str, timeout_s: float) -> dict:
         """Every slot's result within ``timeout_s``; otherwise one ``WorkerCallFailed`` naming
         the workers that failed or did not answer."""
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         deadline = started + timeout_s
         slot_of = {ref: slot for slot, ref in refs.items()}
         pending: List = list(refs.values())
@@ -140,7 +143,8 @@ class WorkerGroup:
         if failures:
             named = {self.describe(slot): why for slot, why in sorted(failures.items())}
             listed = "; ".join(f"{who}: {why}" for who, why in named.items())
-            raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}", what, named)
+            raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}", what, named,
+                                   started_at, timeout_s)
         return results
 
     def kill(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 import ray
@@ -40,6 +41,17 @@ def ray_cluster():
         connect(C.load(LOCAL, [f"cluster.metrics_export_port={free_port()}"]).cluster, num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A mount point for a tmpfs of its own (``mount``: only root may); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def pytest_collection_modifyitems(session, config, items):

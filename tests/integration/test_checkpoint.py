@@ -3,7 +3,6 @@ continues like the uninterrupted run, a save that fails midway leaves the previo
 intact, and `ma-ray train --resume` continues a run from the command line."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from ma_ray.verify.compare import parameter_error
 from ma_ray.runtime import checkpoint, residuals
 from ma_ray.runtime.job import TrainingJob
 from ma_ray.runtime.worker_group import WorkerCallFailed
+from ma_ray.storage import StorageError
 from ma_ray.verify import TOLERANCE, exact_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,23 +196,12 @@ def test_damaged_checkpoints_are_named_and_passed_over(cfg, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", folders[1].name, folders[2].name]
 
 
-@pytest.fixture
-def small_mount(tmp_path):
-    """A mount point for a tmpfs of its own (``mount``: only root may)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    point = tmp_path / "mnt"
-    point.mkdir()
-    yield point
-    subprocess.run(["umount", str(point)], check=False)
-
-
 def test_a_full_disk_and_a_read_only_folder_are_one_line(cfg, small_mount):
     job = TrainingJob(cfg, build_dataset(cfg), 4, torch_threads=1)
     try:
         job.step(0)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,ro", "tmpfs", str(small_mount)], check=True)
-        with pytest.raises(checkpoint.StorageError) as info:
+        with pytest.raises(StorageError) as info:
             checkpoint.save(job, small_mount / "checkpoints", 0)
         assert str(info.value) == f"cannot write {small_mount / 'checkpoints'}: Read-only file system"
 

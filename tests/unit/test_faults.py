@@ -1,5 +1,6 @@
-"""Pure parts of fault handling: the step deadline, the failure record, metrics.jsonl's rewind on
-resume (real files), and the new config keys."""
+"""Pure parts of fault handling: the deadlines of a step, a save and a move, the failure record,
+the skipped-step streak, metrics.jsonl's rewind on resume and its whole-or-nothing rows (real
+files), and the config keys."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 
 from ma_ray.config import ConfigError, load
 from ma_ray.control.elastic import shrunk
-from ma_ray.control.faults import DEADLINE_FACTOR, Failure, step_deadline_s
+from ma_ray.control.faults import (CALL_OVERHEAD_S, DEADLINE_FACTOR, Failure, move_deadline_s, save_deadline_s,
+                                   skipped_in_a_row, step_deadline_s)
 from ma_ray.control.predictor import StageTimePredictor
 from ma_ray.parallel.step_time import step_time_s
 from ma_ray.control.metrics_log import GROW_EVENT, MetricsLog
@@ -30,11 +32,30 @@ def test_the_deadline_is_the_expected_step_with_headroom_plus_the_sync_timeout()
 def test_a_failure_counts_the_finished_steps_redone():
     f = Failure(9, "train step", {"node0-gpu1 (moe)": "no answer within 3 s (a stall)"}, 100.0)
     assert f.line() == "failure at step 9: train step failed on node0-gpu1 (moe): no answer within 3 s (a stall)"
-    f.recovered(5, 12.34)
-    assert (f.resumed_from, f.steps_lost, f.recover_s) == (5, 3, 12.34)  # steps 6, 7, 8 again
-    assert f.line().endswith("; recovered from the checkpoint of step 5 in 12.3 s, 3 finished step(s) redone")
+    f.recovered(5, 12.34, 4)  # steps 6, 7, 8 and 9: a failed save after step 9 had finished it
+    assert (f.resumed_from, f.steps_lost, f.recover_s) == (5, 4, 12.34)
+    assert f.line().endswith("; recovered from the checkpoint of step 5 in 12.3 s, 4 finished step(s) redone")
     assert Failure(**json.loads(json.dumps(f.to_dict()))) == f
-    assert Failure(2, "train step", {}, 0.0).recovered(-1, 1.0).steps_lost == 2  # no checkpoint: from the start
+
+
+def test_a_save_is_bounded_by_its_bytes_over_the_measured_write_speed():
+    assert save_deadline_s(200e6, 100e6, 600.0) == pytest.approx(DEADLINE_FACTOR * 2.0 + CALL_OVERHEAD_S)
+    assert save_deadline_s(1e6, 1e9, 600.0) < 6  # a small state on a fast disk: seconds, not minutes
+    assert save_deadline_s(100e9, 10e6, 600.0) == 600.0  # control.worker_timeout_s stays the cap
+    assert save_deadline_s(1e6, 0.0, 600.0) == 600.0  # nothing measured: nothing to bound it by
+
+
+def test_a_move_is_bounded_by_its_measured_pause_once_one_was_measured():
+    assert move_deadline_s(None, 2000, 600.0) == 600.0
+    assert move_deadline_s(4.0, 2000, 600.0) == pytest.approx(DEADLINE_FACTOR * 4.0 + CALL_OVERHEAD_S + 2.0)
+    assert move_deadline_s(1e6, 2000, 600.0) == 600.0
+
+
+def test_the_skip_streak_counts_the_last_steps_only():
+    assert skipped_in_a_row([]) == 0
+    assert skipped_in_a_row([True, True, False]) == 0
+    assert skipped_in_a_row([False, True, False, True, True]) == 2
+    assert skipped_in_a_row([True] * 4) == 4
 
 
 def test_rewind_keeps_the_rows_up_to_the_checkpoint_and_every_event(tmp_path):
@@ -54,8 +75,17 @@ def test_rewind_keeps_the_rows_up_to_the_checkpoint_and_every_event(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_the_write_speed_probe_leaves_nothing_behind(tmp_path):
+    from ma_ray.storage import write_speed
+
+    assert write_speed(tmp_path, 2 << 20) > 0
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.max_failures=-1", "train.max_failures: must not be negative"),
+    ("train.max_consecutive_skips=0", "train.max_consecutive_skips: must be at least 1"),
+    ("control.heartbeat_timeout_s=0", "control.heartbeat_timeout_s: must be a positive number of seconds"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints: must be null or at least 1"),
     ("train.on_nonfinite=ignore", "train.on_nonfinite"),
 ])
