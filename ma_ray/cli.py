@@ -159,7 +159,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --resume: continue from the checkpoint of step N instead")
     parser.add_argument("--emulate-compute", action="store_true",
                         help="replace each stage's arithmetic by a wait of its predicted duration at the "
-                             "configured shapes (emulation.modelled_compute; see README, Emulation)")
+                             "configured shapes (emulation.modelled_compute; see docs/emulation.md)")
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -220,7 +220,7 @@ def _train_run(args: argparse.Namespace) -> int:
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     _run_arguments(parser)
     parser.add_argument("--precision", choices=["fp64", "fp32", "bf16"], default="fp64",
-                        help="arithmetic of both runs (default fp64: see README, Verification)")
+                        help="arithmetic of both runs (default fp64: see docs/verification.md)")
     parser.add_argument("--rebalance", metavar="STEP:K[,STEP:K...]",
                         help="move to K attention GPUs before STEP (heads, experts and AdamW moments migrate)")
 

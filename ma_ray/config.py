@@ -48,7 +48,7 @@ class MoEConfig:
     capacity_factor: float = 1.0
     # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The seed's
     # "expert_capacity: 2048" contradicts its capacity_factor 1.0 (which gives 16384 at micro-batch
-    # 64 x 2048, top-2, 16 experts); the presets follow the capacity factor (see README).
+    # 64 x 2048, top-2, 16 experts); the presets follow the capacity factor (docs/method.md).
     expert_capacity: Optional[int] = None
     aux_loss_alpha: float = 0.01
     seq_aux: bool = True

@@ -55,8 +55,8 @@ def overlap_efficiency(compute_attention_s: float, compute_moe_s: float, passes_
     If the pools took turns, ``P = C_a + C_m`` and nothing overlapped: 0 (exposed transfers make
     ``P`` larger still, and count against it). If the lighter pool's work hid entirely under
     the heavier's, ``P = max(C_a, C_m)``: 1. Given ``P = ideal_step_s(...)`` it is the ideal
-    overlap efficiency of those stage times, the best any schedule can reach; see README,
-    Pipelining, for why this figure. 0 when a pool did no work (nothing to overlap)."""
+    overlap efficiency of those stage times, the best any schedule can reach; docs/architecture.md,
+    "Pipelining and overlap efficiency", says why this figure. 0 when a pool did no work (nothing to overlap)."""
     lighter = min(compute_attention_s, compute_moe_s)
     if lighter <= 0:
         return 0.0

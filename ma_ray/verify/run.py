@@ -111,7 +111,7 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
         ok = None
         inexact = {"inexact_by_design": f"comm.gradient_compression={cfg.comm.gradient_compression} changes the "
                                         f"gradients on purpose; it is judged by convergence against the exact "
-                                        f"run (README, Communication), not by this comparison"}
+                                        f"run (docs/communication.md), not by this comparison"}
         if cfg.comm.gradient_compression == "topk" and cfg.comm.compression_warmup_steps >= steps:
             inexact["compression_warmup"] = (f"comm.compression_warmup_steps={cfg.comm.compression_warmup_steps}: "
                                              f"all {steps} steps crossed dense; set it to 0 to compare compressed steps")
