@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -100,14 +100,15 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
         t0 = time.time()
         try:
             with published_errors_to(out / LOG):
-                final, rows = _run(cfg, dataset, out, job_id, steps, start, resume, attention_gpus, torch_threads,
-                                   progress)
+                final = _run(cfg, dataset, out, job_id, steps, start, resume, attention_gpus, torch_threads, progress)
         except Exception as exc:
             # The terminal gets one line; the whole story goes to the run folder.
             raise JobFailed(f"{_cause_line(exc)} (details: {_log_failure(out / LOG, job_id, exc)})") from None
     finally:
         lock.release()
-    last = rows[-1].to_dict() if rows else {}
+    # metrics.jsonl holds one row per step whoever died (the driver may not have seen them all).
+    rows = [r for r in MetricsLog(out / "metrics.jsonl").rows() if "event" not in r and r["step"] >= start]
+    last = rows[-1] if rows else {}
     summary = {"out": str(out), "job_id": job_id, **last, "state": final["state"],
                "migrations": final["migrations"], "last_checkpoint": final["last_checkpoint"]}
     try:
@@ -191,7 +192,7 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
          progress: bool):
     """Start the controller and follow it to the end; a controller that dies or stops answering
     is replaced by one that continues from the latest checkpoint, within ``train.max_failures``.
-    Returns the controller's final status and the rows of the steps this run trained."""
+    Returns the controller's final status."""
     name, namespace = controller_name(cfg.control.name, job_id), cfg.control.namespace
     seen = _Seen(step=start - 1)
     log = MetricsLog(out / "metrics.jsonl")
@@ -245,7 +246,6 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
                 resumed = checkpoint.read_meta(newest)["step"] if newest is not None else start - 1
                 recovering, seen.failures = failure.to_dict(), used - 1
                 seen.step = resumed
-                seen.rows = [r for r in seen.rows if r.step <= resumed]
                 deaths += 1
     finally:
         if bar is not None:
@@ -253,7 +253,7 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
     ray.kill(controller)
     controller = run = ready = None
     _wait_name_free(name, namespace)  # so that another run in this process can take it
-    return final, seen.rows
+    return final
 
 
 def _wait_name_free(name: str, namespace: str, timeout_s: float = NAME_RELEASE_S) -> None:
@@ -273,8 +273,7 @@ def _wait_name_free(name: str, namespace: str, timeout_s: float = NAME_RELEASE_S
 class _Seen:
     """What the driver has shown of the run so far."""
 
-    step: int
-    rows: List = field(default_factory=list)  # the steps' rows (HistoryRow), a step trained again replacing its own
+    step: int  # the newest step whose row it drew
     failures: int = 0  # the controller's failure records shown
 
 
@@ -295,9 +294,7 @@ def _follow(controller, run, bar, cfg, seen: _Seen) -> None:
             bar.write(Failure(**f).line())
             if f["resumed_from"] is not None:
                 seen.step = min(seen.step, f["resumed_from"])
-                seen.rows = [r for r in seen.rows if r.step <= seen.step]
         for row in _answer(controller.rows_since.remote(seen.step), heartbeat_s, "a poll of its steps"):
-            seen.rows = [r for r in seen.rows if r.step < row.step] + [row]
             seen.step, m = row.step, row.metrics
             if m.skipped and cfg.train.on_nonfinite == "skip":
                 bar.write(f"step {row.step} skipped: the loss is {m.loss} and the gradient norm {m.grad_norm} "
@@ -311,23 +308,23 @@ def _follow(controller, run, bar, cfg, seen: _Seen) -> None:
             bar.refresh()
 
 
-def describe(summary: dict, rows: List, wall_s: float, total_gpus: int) -> str:
-    """The run's end as a person reads it: steps, first and last loss, the splits held, where
-    the metrics, checkpoints and summary are."""
+def describe(summary: dict, rows: List[dict], wall_s: float, total_gpus: int) -> str:
+    """The run's end as a person reads it, from its rows of ``metrics.jsonl``: steps, first and
+    last loss, the splits held, where the metrics, checkpoints and summary are."""
     out = Path(summary["out"])
     lines = [f"{summary['state']}: job {summary['job_id']}, "
-             + (f"steps {rows[0].step}-{rows[-1].step} ({len(rows)} steps) in {_duration(wall_s)}"
+             + (f"steps {rows[0]['step']}-{rows[-1]['step']} ({len(rows)} steps) in {_duration(wall_s)}"
                 if rows else "no step run")]
     if rows:
         first, last = rows[0], rows[-1]
-        lines.append(f"loss {first.metrics.loss:.3f} at step {first.step}, {last.metrics.loss:.3f} at step {last.step}")
+        lines.append(f"loss {first['loss']:.3f} at step {first['step']}, {last['loss']:.3f} at step {last['step']}")
         spans = []
         for row in rows:
-            k = row.metrics.attention_gpus
+            k = row["attention_gpus"]
             if spans and spans[-1][0] == k:
-                spans[-1][2] = row.step
+                spans[-1][2] = row["step"]
             else:
-                spans.append([k, row.step, row.step])
+                spans.append([k, row["step"], row["step"]])
         lines.append("split: " + ", ".join(f"{k} attention / {total_gpus - k} MoE GPUs (steps {a}-{b})"
                                            for k, a, b in spans))
     ckpt = summary.get("last_checkpoint")
