@@ -17,7 +17,7 @@ from typing import Any, List, Literal, Optional, Tuple
 
 import yaml
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, is_int, is_number
 
 
 class ConfigError(MaRayError, ValueError):
@@ -290,6 +290,18 @@ class Config:
             _set_dotted(data, key, value)
         return from_dict(data)
 
+    def with_split(self, attention_gpus: int, key: str = "attention GPUs") -> "Config":
+        """This config at ``attention_gpus`` attention GPUs: the split a resume's checkpoint or a
+        restart runs at, validated as any config is (errors name ``key``). The time model keeps
+        its reference, the layout configured here (``balance.time_coef_layout``, pinned when null)."""
+        if attention_gpus == self.cluster.attention_gpus:
+            return self
+        data = self.to_dict()
+        if data["balance"]["time_coef_layout"] is None:
+            c = self.cluster
+            data["balance"]["time_coef_layout"] = [c.num_nodes, c.gpus_per_node, c.attention_gpus]
+        return _with_split(_build(Config, data, ""), attention_gpus, key)
+
 
 # --- YAML ------------------------------------------------------------------------------------
 
@@ -318,10 +330,9 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
          attention_gpus: Optional[int] = None, attention_gpus_key: str = "--attention-gpus") -> Config:
     """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
 
-    ``attention_gpus``: a split asked for apart from the config (the command line's
-    ``--attention-gpus``). It replaces ``cluster.attention_gpus`` and is the split validated
-    against the topology, model and policy, errors naming ``attention_gpus_key``; the config's
-    own value is then only type-checked.
+    ``attention_gpus``: the split the command line asks for (``--attention-gpus``), settled here
+    into ``cluster.attention_gpus``: it is the split validated, errors naming
+    ``attention_gpus_key``, and the config's own value is then only type-checked.
     """
     data: dict = {}
     if path is not None:
@@ -342,7 +353,9 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. moe.top_k=1")
         _set_dotted(data, key.strip(), _parse_yaml(raw, f"override {key.strip()}"))
-    return from_dict(data, attention_gpus, attention_gpus_key)
+    if attention_gpus is None:
+        return from_dict(data)
+    return _with_split(_build(Config, data, ""), attention_gpus, attention_gpus_key)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -368,18 +381,19 @@ RENAMED = {
        for k in ("micro_batches_in_flight", "communication_chunk_size", "max_concurrent_communications")},
 }
 
-def from_dict(data: dict, attention_gpus: Optional[int] = None,
-              attention_gpus_key: str = "--attention-gpus") -> Config:
-    """Build and validate a Config from nested plain data; unknown keys and wrong types fail.
-    ``attention_gpus``: see ``load``."""
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested plain data; unknown keys and wrong types fail."""
     cfg = _build(Config, data, "")
-    if attention_gpus is None:
-        validate(cfg)
-    else:
-        _require(isinstance(attention_gpus, int) and not isinstance(attention_gpus, bool),
-                 f"{attention_gpus_key}: expected an integer, got {_describe(attention_gpus)}")
-        cfg.cluster.attention_gpus = attention_gpus
-        validate(cfg, split_key=attention_gpus_key)
+    validate(cfg)
+    return cfg
+
+
+def _with_split(cfg: Config, attention_gpus: int, key: str) -> Config:
+    """``cfg`` (built, not yet validated) at ``attention_gpus``, validated; errors about the
+    split name ``key``, where it came from."""
+    _require(is_int(attention_gpus), f"{key}: expected an integer, got {_describe(attention_gpus)}")
+    cfg.cluster.attention_gpus = attention_gpus
+    validate(cfg, split_key=key)
     return cfg
 
 
@@ -423,11 +437,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
         return float(value)
     if tp is str:

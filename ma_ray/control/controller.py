@@ -93,11 +93,11 @@ class _Gauges:
 @ray.remote(max_concurrency=8, num_cpus=0)
 class Controller:
     def __init__(self, cfg: Config, dataset, out: str, steps: int, resume: Optional[str] = None,
-                 attention_gpus: Optional[int] = None, torch_threads: Optional[int] = None,
-                 job_id: Optional[str] = None, recovering: Optional[dict] = None,
-                 earlier_failures: Sequence[dict] = (), incarnation: int = 0):
-        """``resume``: the checkpoint folder to continue from, verified (``checkpoint.verify``) by
-        the caller; ``job_id``: the run's (``run_folder.new_job_id``), in this actor's name and its
+                 torch_threads: Optional[int] = None, job_id: Optional[str] = None,
+                 recovering: Optional[dict] = None, earlier_failures: Sequence[dict] = (), incarnation: int = 0):
+        """``cfg``: the run's config, at the split its workers start at (a resume's: settled by the
+        caller). ``resume``: the checkpoint folder to continue from, verified
+        (``checkpoint.verify``) by the caller; ``job_id``: the run's (``run_folder.new_job_id``), in this actor's name and its
         gauges' tags; ``recovering``: the failure of the controller this one replaces
         (``Failure.to_dict``), recorded as recovered from once this one's workers are ready;
         ``earlier_failures``: those of the run before it, which count against
@@ -127,7 +127,7 @@ class Controller:
         self.write_speeds = [write_speed(self.checkpoints)]
         folder = None if resume is None else Path(resume)  # a verified checkpoint (the driver chose it)
         if folder is not None:
-            attention_gpus = self._restore(folder, attention_gpus)
+            self._restore(folder)
         self.start_step = 0 if folder is None else checkpoint.read_meta(folder)["step"] + 1
         self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
         redone = sum(1 for r in self.metrics_log.rows() if "event" not in r and r.get("step", -1) >= self.start_step)
@@ -138,7 +138,7 @@ class Controller:
         # The job's collective groups are named after it too: two jobs on one cluster share none,
         # nor two incarnations of one.
         self.job_name = incarnation_name(self.name, incarnation)
-        self.job = self._restart(attention_gpus, folder, generation=0)
+        self.job = self._restart(cfg, folder, generation=0)
         shrank = self.job.cfg.total_gpus != cfg.total_gpus
         if shrank:
             self._adopt(self.job.cfg)
@@ -156,14 +156,13 @@ class Controller:
         self.step = self.start_step - 1
         self.last_checkpoint: Optional[str] = None if folder is None else str(folder)
 
-    def _restore(self, folder: Path, attention_gpus: Optional[int]) -> int:
-        """Take the controller's state from checkpoint ``folder``; returns the split to run
-        (``attention_gpus``, or the checkpoint's)."""
+    def _restore(self, folder: Path) -> int:
+        """Take the controller's state from checkpoint ``folder``; returns the checkpoint's split."""
         meta = checkpoint.read_meta(folder)
         self.predictor.load_state_dict(meta["predictor"])
         self.policy.load_state_dict(meta["policy"])
         self.migration_cost.load_state_dict(meta["migration_cost"])
-        return meta["attention_gpus"] if attention_gpus is None else attention_gpus
+        return meta["attention_gpus"]
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -243,10 +242,13 @@ class Controller:
                 raise exc
             self.job.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
             folder = latest_intact(self.checkpoints, warn=failure.notes.append)
-            k = self.job.plan.attention_gpus if folder is None else self._restore(folder, None)
+            k = self.job.plan.attention_gpus if folder is None else self._restore(folder)
             generation += 1  # past every generation the old workers used: no group name is taken twice
             try:
-                job = self._restart(k, folder, generation)
+                # On the run's whole topology at the split it held; after an elastic restart, at
+                # the configured split of the whole topology.
+                same_nodes = self.cfg.cluster.num_nodes == self.full_cfg.cluster.num_nodes
+                job = self._restart(self.full_cfg.with_split(k) if same_nodes else self.full_cfg, folder, generation)
             except (WorkerCallFailed, ClusterError) as again:
                 exc = again if isinstance(again, WorkerCallFailed) else WorkerCallFailed(
                     str(again), "recovery", {"cluster": str(again)})
@@ -277,21 +279,20 @@ class Controller:
         return (f"going on with {job.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
                 f"{job.plan.attention_gpus} attention GPUs (train.elastic)")
 
-    def _restart(self, k: int, folder: Optional[Path], generation: int) -> TrainingJob:
-        """New workers from ``folder`` on the run's full topology at ``k`` attention GPUs; with
+    def _restart(self, cfg: Config, folder: Optional[Path], generation: int) -> TrainingJob:
+        """New workers from ``folder`` for ``cfg`` (the run's whole topology, at a split); with
         ``train.elastic``, when the cluster cannot hold it, on the nodes that are left
         (``elastic.shrunk``: the predictor picks the split)."""
         start = dict(dataset=self.dataset, name=self.job_name, torch_threads=self.torch_threads,
                      checkpoint=None if folder is None else str(folder), generation=generation)
-        full = self.full_cfg
         try:
-            same_nodes = self.cfg.cluster.num_nodes == full.cluster.num_nodes
-            return TrainingJob(full, attention_gpus=k if same_nodes else None, **start)
+            return TrainingJob(cfg, **start)
         except ClusterError:
+            full = self.full_cfg
             smaller = shrunk(full, _nodes_holding(full.cluster.gpus_per_node)) if full.train.elastic else None
             if smaller is None:
                 raise
-            return TrainingJob(smaller, attention_gpus=smaller.cluster.attention_gpus, **start)
+            return TrainingJob(smaller, **start)
 
     def _adopt(self, cfg: Config) -> None:
         """Run on ``cfg``'s topology from now on: the time model and the policy start afresh, as
@@ -319,7 +320,7 @@ class Controller:
         measured = self.migration_cost.migrations > 0  # the defaults' guess is not a bound
         deadline_s = move_deadline_s(self.migration_cost.estimate(before, k) if measured else None,
                                      self.cfg.comm.synchronization_timeout_ms, self.cfg.control.worker_timeout_s)
-        result = self.job.apply_split(k, timeout_s=deadline_s)
+        result = self.job.move_to(k, timeout_s=deadline_s)
         with self.lock:
             self.measured_from = len(self.history)  # the new split's steps are measured afresh
         record = {"before_step": step, "from": before, "to": k, "reason": reason, **result}
@@ -365,7 +366,7 @@ class Controller:
         before, old = self.job.plan.attention_gpus, self.job
         old.shutdown()
         try:
-            job = self._restart(before, Path(self.last_checkpoint), old.generation + 1)
+            job = self._restart(self.full_cfg, Path(self.last_checkpoint), old.generation + 1)
         except ClusterError as exc:  # not even the smaller cluster could be reserved again
             raise WorkerCallFailed(str(exc), "grow back", {"cluster": str(exc)}) from None
         if job.cfg.total_gpus == self.full_cfg.total_gpus:

@@ -9,13 +9,13 @@ plan), ``memory`` (per-GPU estimate), ``time_model`` (predicted stage times), ``
 
 from ma_ray.parallel.diff import Move, PlanDiff, Renumbering, RoleChange, diff_plans
 from ma_ray.parallel.memory import MemoryEstimate, estimate_gpu, estimate_plan
-from ma_ray.parallel.placement import ATTENTION, MOE, GpuAssignment, Plan, Slot, make_plan, place
+from ma_ray.parallel.placement import ATTENTION, MOE, GpuAssignment, Plan, Slot, make_plan, place, plan_of_move
 from ma_ray.parallel.report import PlanReport, plan_report
 from ma_ray.parallel.shares import balanced_ranges, share_counts
 from ma_ray.parallel.time_model import StageTimes, predict_stage_times
 
 __all__ = [
-    "ATTENTION", "MOE", "GpuAssignment", "Plan", "Slot", "make_plan", "place",
+    "ATTENTION", "MOE", "GpuAssignment", "Plan", "Slot", "make_plan", "place", "plan_of_move",
     "Move", "PlanDiff", "Renumbering", "RoleChange", "diff_plans",
     "MemoryEstimate", "estimate_gpu", "estimate_plan",
     "StageTimes", "predict_stage_times", "PlanReport", "plan_report",

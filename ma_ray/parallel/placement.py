@@ -31,18 +31,19 @@ Heads and experts
     Balanced contiguous ranges in global order (``shares.balanced_ranges``): counts differ by at
     most one and larger shares come first (32 heads over 12 GPUs: 3 x 8 then 2 x 4).
 
-``place`` is the pure function of the numbers; ``make_plan`` takes a config and first checks
-the split against the balancing policy and the model with ``ma_ray.config.check_split``. Both
-apply the one rule of ``ma_ray.parallel.split``.
+``place`` is the pure function of the numbers; ``make_plan`` places a config at its split,
+which the config's validation checked; ``plan_of_move`` places a live move's target. All apply
+the one rule of ``ma_ray.parallel.split``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 from ma_ray.config import Config, check_split
+from ma_ray.errors import is_int
 from ma_ray.parallel.shares import balanced_ranges
 from ma_ray.parallel.split import split_error
 
@@ -189,7 +190,7 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     """The plan for ``attention_gpus`` attention GPUs out of ``num_nodes * gpus_per_node``.
 
     Raises ValueError when the split leaves a pool empty or a GPU without a head or an expert;
-    the policy range (min/max attention GPUs) is ``make_plan``'s business, not this function's.
+    the policy range (min/max attention GPUs) is the config's or the caller's business.
     """
     total = num_nodes * gpus_per_node
     moe_gpus = total - attention_gpus
@@ -213,16 +214,20 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     return Plan(num_nodes, gpus_per_node, num_heads, num_experts, tuple(gpus))
 
 
-def make_plan(cfg: Config, attention_gpus: Optional[int] = None, within_policy: bool = True) -> Plan:
-    """The plan for ``cfg`` with ``attention_gpus`` (default ``cfg.cluster.attention_gpus``).
-
-    Raises ConfigError (one line) when the split is outside the balancing range or the topology
-    and model cannot hold it.
-    """
-    k = cfg.cluster.attention_gpus if attention_gpus is None else attention_gpus
-    check_split(cfg, k, within_policy=within_policy)
+def make_plan(cfg: Config) -> Plan:
+    """The plan of ``cfg`` at its split, ``cluster.attention_gpus`` (validated with the config)."""
     c = cfg.cluster
-    plan = place(c.num_nodes, c.gpus_per_node, k, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    plan = place(c.num_nodes, c.gpus_per_node, c.attention_gpus, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    return dataclasses.replace(plan, replicas=c.replicas)
+
+
+def plan_of_move(cfg: Config, target: int) -> Plan:
+    """The plan a live move of ``cfg``'s job goes to: ``target`` attention GPUs on the same
+    topology. ConfigError (one line) when the topology and model cannot hold it; the policy
+    range is the caller's to check (the live policy's may differ from the config's)."""
+    check_split(cfg, target, within_policy=False)
+    c = cfg.cluster
+    plan = place(c.num_nodes, c.gpus_per_node, target, cfg.model.num_attention_heads, cfg.moe.num_experts)
     return dataclasses.replace(plan, replicas=c.replicas)
 
 
@@ -233,7 +238,7 @@ def replicate(plan: Plan, replicas: int) -> Plan:
     the groups that all-reduce gradients between the copies (a GPU with its counterparts), for
     the communication model (``parallel.emulation``); no job runs such a plan as one (a job
     runs ``Plan.replica_plans``)."""
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    if not is_int(replicas) or replicas < 1:
         raise ValueError(f"replicas: must be an integer >= 1, got {replicas!r}")
     pools = [plan.attention_workers(), plan.moe_workers()]
     gpus: List[GpuAssignment] = []

@@ -241,7 +241,7 @@ def test_host_syncs_per_layer_and_micro_batch_fit_the_budget(ray_cluster):
     layers, micro = cfg.model.num_layers, cfg.train.gradient_accumulation_steps
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this file
     try:
-        job = TrainingJob(cfg, build_dataset(cfg), attention_gpus=2, torch_threads=1)
+        job = TrainingJob(cfg.with_split(2), build_dataset(cfg), torch_threads=1)
         try:
             job.step(0)  # the optimizer's state exists from the first step on: count a later one
             actors = job.workers.actors

@@ -68,7 +68,7 @@ def test_local_preset_matches_reference():
 ], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu", "k3-two-in-flight", "k4-idle-moe-gpu"])
 def test_uneven_splits_match_reference(case):
     cfg = small(**case["over"])
-    report = verify(cfg, attention_gpus=case["k"], steps=2)
+    report = verify(cfg.with_split(case["k"]), steps=2)
     assert report["attention_gpus"] == case["k"]
     assert_verified(report)
 
@@ -81,7 +81,7 @@ def test_pipelined_chunked_schedule_matches_reference(in_flight, k):
     cfg = small(**{"schedule.micro_batches_in_flight": in_flight, "schedule.communication_chunk_size": 3,
                    "schedule.max_concurrent_communications": 2, "train.batch_size": 12,
                    "train.gradient_accumulation_steps": 4, "moe.capacity_factor": 0.75})
-    report = verify(cfg, attention_gpus=k, steps=2)
+    report = verify(cfg.with_split(k), steps=2)
     assert report["attention_gpus"] == k
     assert_verified(report)
 
@@ -147,7 +147,7 @@ def test_dead_worker_fails_the_step_with_a_named_error():
 
 def test_rebalance_across_role_changes_matches_reference():
     # 4 -> 2 attention GPUs (two GPUs become MoE workers), then 2 -> 5 (three become attention).
-    report = verify(small(**{"moe.capacity_factor": 0.75}), attention_gpus=4, steps=4, rebalances={1: 2, 3: 5})
+    report = verify(small(**{"moe.capacity_factor": 0.75}).with_split(4), steps=4, rebalances={1: 2, 3: 5})
     assert_verified(report)
     moves = [(m["before_step"], m["attention_gpus"], m["role_changes"]) for m in report["migrations"]]
     assert moves == [(1, 2, 2), (3, 5, 3)]
@@ -164,7 +164,7 @@ def test_splits_of_4x4_match_reference_in_two_levels_and_one(hierarchical, split
                          "schedule.communication_chunk_size=16", "train.batch_size=4",
                          "train.gradient_accumulation_steps=2", "train.micro_batch_size=2",
                          f"comm.hierarchical_allreduce={str(hierarchical).lower()}"])
-    report = verify(cfg, attention_gpus=splits[0], steps=len(splits),
+    report = verify(cfg.with_split(splits[0]), steps=len(splits),
                     rebalances={step: k for step, k in enumerate(splits) if step})
     assert report["ok"], report
     assert [m["attention_gpus"] for m in report["migrations"]] == splits[1:]
