@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ma_ray.config import Config, ControlConfig, load
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, one_line
 
 PROG = "ma-ray"
 EXIT_USAGE = 2
@@ -345,10 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     code = EXIT_USAGE
     try:
@@ -364,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as exc:  # an unreadable config file and the like
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
     return code
 
 

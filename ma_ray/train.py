@@ -36,12 +36,12 @@ from ma_ray.control.client import controller_name, incarnation_name
 from ma_ray.control.faults import Failure
 from ma_ray.control.metrics_log import MetricsLog
 from ma_ray.data import build_dataset
-from ma_ray.errors import JobFailed, MaRayError
+from ma_ray.errors import JobFailed, MaRayError, first_line, one_line
 from ma_ray.parallel.emulation import compute_setup
 from ma_ray.run_folder import RunLock, write_job
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.cluster import connect, metrics_address, published_errors_to, release_gpus
-from ma_ray.runtime.worker_group import first_line
+from ma_ray.runtime.worker_group import worker_error
 from ma_ray.storage import storage_error
 
 POLL_S = 0.5
@@ -165,11 +165,11 @@ def _cause_line(exc: BaseException) -> str:
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
         exc = exc.cause
     if isinstance(exc, MaRayError):
-        return " ".join(str(exc).split())
+        return one_line(exc)
     if isinstance(exc, ray.exceptions.RayActorError) and exc.actor_init_failed:
         lines = [line.strip() for line in exc.error_msg.splitlines() if line.strip()]
         return f"the controller could not start: {lines[-1] if lines else type(exc).__name__}"
-    return first_line(exc)
+    return first_line(worker_error(exc))
 
 
 class ControllerStalled(Exception):
@@ -225,7 +225,7 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, t
                 release_gpus(incarnation_name(name, deaths))  # its workers died with it; its GPUs did not
                 # A new controller continues from the latest checkpoint, as after a worker's failure.
                 done = log.rows()
-                why = str(exc) if isinstance(exc, ControllerStalled) else first_line(exc)
+                why = str(exc) if isinstance(exc, ControllerStalled) else first_line(worker_error(exc))
                 failure = Failure(max((r["step"] for r in done if "step" in r), default=start - 1) + 1,
                                   "controller", {"controller": why}, time.time())
                 used = len(log.failures()) - before + 1

@@ -493,7 +493,7 @@ RECENT_SAVES = 5  # saves whose write speed the next save's deadline looks back 
 
 def _storage_only(exc: WorkerCallFailed) -> bool:
     """Whether every worker that failed could not write (``StorageError``)."""
-    return bool(exc.failures) and all(why.startswith(f"{StorageError.__name__}:") for why in exc.failures.values())
+    return bool(exc.failures) and all(exc.error_types.get(who) == StorageError.__name__ for who in exc.failures)
 
 
 def _nodes_holding(gpus: int) -> int:
