@@ -113,8 +113,7 @@ def _plan_search(args: argparse.Namespace) -> int:
     from ma_ray.comm.cross_node import every_reducer
     from ma_ray.parallel.search import format_table, search, to_dict
 
-    c = cfg.comm
-    reducers = every_reducer(CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+    reducers = every_reducer(CompressionSettings.of(cfg.comm))
     result = search(cfg, reducers, args.nodes, gpus)
     print(json.dumps(to_dict(result, cfg), indent=1) if args.json else format_table(result, cfg, args.top))
     return 0

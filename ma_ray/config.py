@@ -480,8 +480,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
         ("model.max_position_embeddings", m.max_position_embeddings),
         ("model.vocab_size", m.vocab_size), ("moe.num_experts", moe.num_experts),
         ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes), ("cluster.replicas", c.replicas),
-        ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
-        ("balance.min_attention_gpus", b.min_attention_gpus),
+        ("cluster.gpus_per_node", c.gpus_per_node),
         ("schedule.max_concurrent_communications", schedule.max_concurrent_communications),
         ("schedule.communication_chunk_size", schedule.communication_chunk_size),
         ("schedule.micro_batches_in_flight", schedule.micro_batches_in_flight),
@@ -502,7 +501,6 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
     for path, value in [
         ("model.initializer_range", m.initializer_range), ("model.layer_norm_eps", m.layer_norm_eps),
         ("moe.aux_loss_alpha", moe.aux_loss_alpha), ("moe.router_z_loss_coef", moe.router_z_loss_coef),
-        ("balance.imbalance_threshold", b.imbalance_threshold),
         ("comm.compression_overhead", comm.compression_overhead),
         ("train.learning_rate", t.learning_rate), ("train.min_learning_rate", t.min_learning_rate),
         ("train.weight_decay", t.weight_decay), ("train.gradient_clipping", t.gradient_clipping),
@@ -539,14 +537,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
                         ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s),
                         ("emulation.compression_gb_per_s", cfg.emulation.compression_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
-    # The policy's hysteresis knobs (tested with the policy, tests/unit/test_control.py).
-    _require(b.min_gain_fraction >= 0 and math.isfinite(b.min_gain_fraction),
-             f"balance.min_gain_fraction: must not be negative, got {b.min_gain_fraction}")
-    _require(b.return_window >= 0, f"balance.return_window: must not be negative, got {b.return_window}")
-    _require(b.return_gain_factor >= 1.0 and math.isfinite(b.return_gain_factor),
-             f"balance.return_gain_factor: must be at least 1, got {b.return_gain_factor}")
-    _require(b.settle_steps is None or b.settle_steps >= 0,
-             f"balance.settle_steps: must be null or not negative, got {b.settle_steps}")
+    check_policy(dataclasses.asdict(b), "balance.")
     _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")
     _require(len(b.moe_time_coef) == 3, f"balance.moe_time_coef: needs 3 coefficients, got {len(b.moe_time_coef)}")
 
@@ -561,9 +552,6 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
     _require(moe.expert_capacity is None or moe.expert_capacity >= 1,
              f"moe.expert_capacity: must be null or at least 1, got {moe.expert_capacity}")
 
-    _require(b.min_attention_gpus <= b.max_attention_gpus,
-             f"balance.min_attention_gpus: {b.min_attention_gpus} is greater than "
-             f"balance.max_attention_gpus ({b.max_attention_gpus})")
     check_split(cfg, c.attention_gpus, key=split_key)
     if b.time_coef_layout is not None:
         _require(len(b.time_coef_layout) == 3 and all(v >= 1 for v in b.time_coef_layout),
@@ -613,6 +601,33 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
              f"data.max_text_bytes: must be null or at least 1, got {cfg.data.max_text_bytes}")
     _require(cfg.data.kind != "bin" or cfg.data.path is not None,
              "data.path: required when data.kind is bin")
+
+
+def check_policy(values: dict, prefix: str) -> None:
+    """The balancing policy's rules, on the ``balance`` keys among ``values``: the config's
+    section, or a running policy's parameters (``control.policy.PolicyParams``, which a client
+    may change). Errors name ``prefix`` + the key."""
+    hints = typing.get_type_hints(BalanceConfig)
+    for key in ("enabled", "imbalance_threshold", "rebalancing_interval", "min_attention_gpus", "max_attention_gpus",
+                "min_gain_fraction", "return_window", "return_gain_factor", "settle_steps"):
+        _coerce(hints[key], values[key], prefix + key)
+    v = values
+    _require(v["rebalancing_interval"] >= 1, f"{prefix}rebalancing_interval: must be at least 1, got "
+                                              f"{v['rebalancing_interval']}")
+    _require(v["min_attention_gpus"] >= 1, f"{prefix}min_attention_gpus: must be at least 1, got "
+                                            f"{v['min_attention_gpus']}")
+    _require(v["imbalance_threshold"] >= 0 and math.isfinite(v["imbalance_threshold"]), f"{prefix}imbalance_threshold: must not be negative, got "
+                                             f"{v['imbalance_threshold']}")
+    _require(v["min_gain_fraction"] >= 0 and math.isfinite(v["min_gain_fraction"]), f"{prefix}min_gain_fraction: must not be negative, got "
+                                           f"{v['min_gain_fraction']}")
+    _require(v["return_window"] >= 0, f"{prefix}return_window: must not be negative, got {v['return_window']}")
+    _require(v["return_gain_factor"] >= 1.0 and math.isfinite(v["return_gain_factor"]), f"{prefix}return_gain_factor: must be at least 1, got "
+                                              f"{v['return_gain_factor']}")
+    _require(v["settle_steps"] is None or v["settle_steps"] >= 0,
+             f"{prefix}settle_steps: must be null or not negative, got {v['settle_steps']}")
+    _require(v["min_attention_gpus"] <= v["max_attention_gpus"],
+             f"{prefix}min_attention_gpus: {v['min_attention_gpus']} is greater than "
+             f"{prefix}max_attention_gpus ({v['max_attention_gpus']})")
 
 
 def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs", within_policy: bool = True,

@@ -95,6 +95,9 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from ma_ray.config import CommConfig
+from ma_ray.errors import is_int
+
 MAX_BLOCK_SIZE = 65536  # block-local offsets are stored in 16 bits
 _OFFSET_BIAS = 32768    # uint16 offset - 32768 is an in-range int16
 SCHEMES = ("dense", "bf16", "sparse")
@@ -102,20 +105,16 @@ SCHEMES = ("dense", "bf16", "sparse")
 
 @dataclass(frozen=True)
 class CompressionSettings:
-    """The compressor's settings; bad values raise ValueError naming the setting."""
+    """The compressor's settings: the ``comm`` keys of the same meaning, their defaults and their
+    rules the config's (``config.validate``)."""
 
-    sparsification_ratio: float = 0.1  # fraction of each block's entries kept, in (0, 1]
-    quantization_bits: int = 8         # bits of each kept value, 1..8
-    block_size: int = 2048             # entries per block, 1..65536
+    sparsification_ratio: float = CommConfig.sparsification_ratio  # fraction of a block's entries kept
+    quantization_bits: int = CommConfig.quantization_bits          # bits of each kept value
+    block_size: int = CommConfig.compression_block_size            # entries per block
 
-    def __post_init__(self):
-        r, b, s = self.sparsification_ratio, self.quantization_bits, self.block_size
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
-            raise ValueError(f"sparsification_ratio: must be in (0, 1], got {r!r}")
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
-            raise ValueError(f"quantization_bits: must be an integer in 1..8, got {b!r}")
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_BLOCK_SIZE:
-            raise ValueError(f"block_size: must be an integer in 1..{MAX_BLOCK_SIZE}, got {s!r}")
+    @classmethod
+    def of(cls, comm: CommConfig) -> "CompressionSettings":
+        return cls(comm.sparsification_ratio, comm.quantization_bits, comm.compression_block_size)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ class _Layout:
 
 @functools.lru_cache(maxsize=256)
 def _layout(numel: int, settings: CompressionSettings) -> _Layout:
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+    if not is_int(numel) or numel < 0:
         raise ValueError(f"numel: must be a non-negative integer, got {numel!r}")
     if numel == 0:
         return _Layout(0, 0, 0, 0, 0, 0, 0, 0)

@@ -40,6 +40,7 @@ import torch
 from ma_ray.comm import groups
 from ma_ray.comm.compression import (CompressionSettings, ErrorFeedback, decompress_add_, from_bf16_wire,
                                      message_bytes, to_bf16_wire)
+from ma_ray.errors import is_int
 
 
 class DenseCrossNode:
@@ -83,7 +84,7 @@ class TopKCrossNode(DenseCrossNode):
                  warmup_steps: int = 0):
         """``timed()``: the context the compression kernels are timed in. ``warmup_steps``
         (``comm.compression_warmup_steps``): the optimizer steps, from step 0, that cross dense."""
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be a non-negative integer, got {warmup_steps!r}")
         self.settings = settings
         self.timed = timed

@@ -71,6 +71,7 @@ import numpy as np
 
 from ma_ray.config import Config
 from ma_ray.control.regression import KeyedBayesLinear
+from ma_ray.errors import is_int
 from ma_ray.parallel.step_time import PipelineShape, imbalance
 from ma_ray.parallel.workload import ATTENTION_TERMS, MOE_TERMS, Workload
 
@@ -332,7 +333,7 @@ class PredictorSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
                 raise ValueError(f"{name}: must be a number >= 1, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         for name in ("noise_rel", "prior_scale_std", "prior_term_std", "prior_extra_std", "shift_threshold"):
             value = getattr(self, name)
@@ -437,7 +438,7 @@ class StageTimePredictor:
         disturbed). Raises ValueError on an infeasible split or a time that is not a positive
         finite number."""
         k = attention_gpus
-        if isinstance(k, bool) or not isinstance(k, int) or not self.workload.feasible(k):
+        if not is_int(k) or not self.workload.feasible(k):
             raise ValueError(f"attention_gpus: {k!r} is not a feasible split of this cluster and model")
         for name, value in (("t_attention_s", t_attention_s), ("t_moe_s", t_moe_s)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

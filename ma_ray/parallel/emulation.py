@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import yaml
 
 from ma_ray.config import Config, ConfigError
+from ma_ray.errors import is_number
 from ma_ray.parallel.hierarchy import TwoLevelLayout, flat_ring_s, two_level_s
 from ma_ray.parallel.memory import (attention_replicated_params, head_params, moe_gpu_params, precision_of,
                                     tokens_per_micro_batch)
@@ -73,7 +74,7 @@ def load_calibration(path: str) -> Tuple[list, list]:
     for key in ("attn_time_coef", "moe_time_coef"):
         coef = data.get(key) if isinstance(data, dict) else None
         if (not isinstance(coef, list) or len(coef) != 3
-                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                or not all(is_number(c) and math.isfinite(c) and c >= 0
                            for c in coef)):
             raise ConfigError(f"emulation.calibration_file: {p} needs {key}: three non-negative numbers")
         out.append([float(c) for c in coef])

@@ -46,6 +46,7 @@ from functools import lru_cache
 from typing import List, Mapping, Optional, Tuple
 
 from ma_ray.config import Config, ConfigError
+from ma_ray.errors import is_int
 from ma_ray.parallel.emulation import StageDurations, stage_durations
 from ma_ray.parallel.memory import budget_gb, estimate_gpu, head_params, moe_gpu_params, precision_of
 from ma_ray.parallel.placement import Plan, place
@@ -143,11 +144,11 @@ def used_nodes(cfg: Config, nodes: int, gpus: Optional[int]) -> int:
     """How many whole nodes of ``nodes`` x ``cluster.gpus_per_node`` the search uses for
     ``gpus`` GPUs (None: all). ConfigError, one line, on a count that cannot be used."""
     per_node = cfg.cluster.gpus_per_node
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+    if not is_int(nodes) or nodes < 1:
         raise ConfigError(f"--nodes: must be at least 1, got {nodes!r}")
     if gpus is None:
         return nodes
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+    if not is_int(gpus) or gpus < 1:
         raise ConfigError(f"--gpus: must be a positive number of GPUs or 'all', got {gpus!r}")
     if gpus > nodes * per_node:
         raise ConfigError(f"--gpus: {gpus} is more than the cluster's {nodes * per_node} GPUs "

@@ -86,8 +86,7 @@ class Worker:
             self.torch_device, c.attention_stream_priority if me.is_attention else c.moe_stream_priority)
         def reducer():
             return cross_node_reducer(c.gradient_compression,
-                                      CompressionSettings(c.sparsification_ratio, c.quantization_bits,
-                                                          c.compression_block_size),
+                                      CompressionSettings.of(c),
                                       timed=lambda: device.compute(COMPRESSION),
                                       warmup_steps=c.compression_warmup_steps)
         # An emulated cluster is this machine: its groups listen on loopback only.
