@@ -39,8 +39,8 @@ from ma_ray.parallel.placement import make_plan  # noqa: E402
 from ma_ray.parallel.search import aggregation_ops_per_stage  # noqa: E402
 from ma_ray.parallel.shares import share_counts  # noqa: E402
 from ma_ray.parallel.workload import Workload  # noqa: E402
-from ma_ray.runtime.cluster import connect  # noqa: E402
-from ma_ray.runtime.job import TrainingJob  # noqa: E402
+from ma_ray.runtime.cluster import init_ray  # noqa: E402
+from ma_ray.runtime.worker_set import WorkerSet  # noqa: E402
 
 
 def emulated_stage_times(cfg):
@@ -62,7 +62,7 @@ def emulated_stage_times(cfg):
 
 def run(cfg, steps):
     dataset = build_dataset(compute_setup(cfg)[0])
-    job = TrainingJob(cfg, dataset, torch_threads=1)
+    job = WorkerSet(cfg, dataset, torch_threads=1)
     try:
         rows = []
         for step in range(steps):
@@ -89,7 +89,7 @@ def main() -> None:
                                                    f"train.batch_size={64 * mb}", *args.overrides])
     else:
         base = C.load("cluster/local-cpu.yaml", ["data.kind=synthetic", *args.overrides])
-    connect(base.cluster, num_cpus=os.cpu_count())
+    init_ray(base.cluster, num_cpus=os.cpu_count())
     layers, micro = base.model.num_layers, base.train.gradient_accumulation_steps
     stages = layers * micro
     print(f"mode={args.mode} layers={layers} micro_batches={micro} steps={args.steps} (first dropped)")

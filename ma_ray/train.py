@@ -40,7 +40,7 @@ from ma_ray.errors import JobFailed, MaRayError, first_line, one_line
 from ma_ray.parallel.emulation import compute_setup
 from ma_ray.run_folder import RunLock, write_job
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.cluster import connect, metrics_address, published_errors_to, release_gpus
+from ma_ray.runtime.cluster import init_ray, metrics_address, published_errors_to, release_gpus
 from ma_ray.runtime.worker_group import worker_error
 from ma_ray.storage import storage_error
 
@@ -88,7 +88,7 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
         try:
             # Workers' own output (Ray's and torch's warnings when a peer dies: C++ stacks) stays
             # in Ray's logs; the terminal gets the progress and one line per failure.
-            connect(cfg.cluster, namespace=cfg.control.namespace, connect_timeout_s=cfg.control.connect_timeout_s,
+            init_ray(cfg.cluster, namespace=cfg.control.namespace, connect_timeout_s=cfg.control.connect_timeout_s,
                     log_to_driver=False)
         except BaseException:
             if created:  # a run that never started leaves no folder behind

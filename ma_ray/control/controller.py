@@ -35,7 +35,7 @@ from ma_ray.run_folder import new_job_id
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.checkpoint import latest_intact
 from ma_ray.runtime.cluster import ClusterError
-from ma_ray.runtime.job import CLOSE_TIMEOUT_S, TrainingJob
+from ma_ray.runtime.worker_set import CLOSE_TIMEOUT_S, WorkerSet
 from ma_ray.runtime.step_metrics import StepMetrics
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.storage import StorageError, write_speed
@@ -135,9 +135,10 @@ class Controller:
         self.failures = [Failure(**row) for row in earlier_failures]
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
         self.next_boundary = self.start_step  # the step before which the run thread next reads requests
-        # The job's collective groups are named after it too: two jobs on one cluster share none,
-        # nor two incarnations of one.
-        self.job_name = incarnation_name(self.name, incarnation)
+        # The workers' placement group and collective groups are named after this incarnation
+        # (docs/architecture.md#lifetimes-and-their-names): two jobs share none, nor two
+        # incarnations of one.
+        self.workers_name = incarnation_name(self.name, incarnation)
         self.job = self._restart(cfg, folder, generation=0)
         shrank = self.job.cfg.total_gpus != cfg.total_gpus
         if shrank:
@@ -275,24 +276,24 @@ class Controller:
             self.last_checkpoint = None if folder is None else str(folder)
         return resumed + 1
 
-    def _shrunk_note(self, job: TrainingJob) -> str:
+    def _shrunk_note(self, job: WorkerSet) -> str:
         return (f"going on with {job.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
                 f"{job.plan.attention_gpus} attention GPUs (train.elastic)")
 
-    def _restart(self, cfg: Config, folder: Optional[Path], generation: int) -> TrainingJob:
+    def _restart(self, cfg: Config, folder: Optional[Path], generation: int) -> WorkerSet:
         """New workers from ``folder`` for ``cfg`` (the run's whole topology, at a split); with
         ``train.elastic``, when the cluster cannot hold it, on the nodes that are left
         (``elastic.shrunk``: the predictor picks the split)."""
-        start = dict(dataset=self.dataset, name=self.job_name, torch_threads=self.torch_threads,
+        start = dict(dataset=self.dataset, name=self.workers_name, torch_threads=self.torch_threads,
                      checkpoint=None if folder is None else str(folder), generation=generation)
         try:
-            return TrainingJob(cfg, **start)
+            return WorkerSet(cfg, **start)
         except ClusterError:
             full = self.full_cfg
             smaller = shrunk(full, _nodes_holding(full.cluster.gpus_per_node)) if full.train.elastic else None
             if smaller is None:
                 raise
-            return TrainingJob(smaller, **start)
+            return WorkerSet(smaller, **start)
 
     def _adopt(self, cfg: Config) -> None:
         """Run on ``cfg``'s topology from now on: the time model and the policy start afresh, as

@@ -1,7 +1,7 @@
 """Per-GPU work of a split: the features the stage-time predictor regresses on, for any number
 ``k`` of attention GPUs, and the seed's model turned into a prior over their coefficients.
 
-A pool is as slow as its busiest GPU (``runtime.job.summarize`` reports the slowest worker's
+A pool is as slow as its busiest GPU (``runtime.step_metrics.summarize`` reports the slowest worker's
 compute seconds per (micro-batch, layer) stage), so every feature describes the busiest GPU of
 its pool at split ``k`` (placement from ``ma_ray.parallel.placement.place``: heads and experts in
 balanced contiguous ranges, tokens of a micro-batch in balanced slices).

@@ -43,8 +43,8 @@ class NoJobReachable(MaRayError):
     """Nothing answers at a cluster address (``join_cluster``)."""
 
 
-def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
-            connect_timeout_s: float = 5.0, log_to_driver: bool = True) -> None:
+def init_ray(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
+             connect_timeout_s: float = 5.0, log_to_driver: bool = True) -> None:
     """Attach to Ray: the running session if any, a new emulated node, or ``cluster.address``
     (joined within ``connect_timeout_s``, ``control.connect_timeout_s``). ``log_to_driver``:
     print the actors' output here (else it stays in Ray's logs)."""
@@ -133,7 +133,7 @@ def _use_token_auth(only_with_a_token: bool) -> None:
     """Turn Ray's token authentication on for this process and its children, unless
     ``RAY_AUTH_MODE`` says otherwise; ``only_with_a_token``: only when this machine has a token.
 
-    A client joins with the token when this machine has one: the clusters ``connect`` starts,
+    A client joins with the token when this machine has one: the clusters ``init_ray`` starts,
     and Ray's local clusters by default, require it, while Ray sends it on its own only to a
     cluster it finds by itself, never at an address. A cluster without authentication ignores
     it. Ray's own switch, since its config is cached at import: the variable alone would reach

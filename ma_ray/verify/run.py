@@ -14,8 +14,8 @@ from ma_ray.config import Config, ConfigError, check_split
 from ma_ray.data import build_dataset
 from ma_ray.verify.compare import gradient_error, parameter_error, scalar_relative_error
 from ma_ray.verify.reference_trainer import ReferenceTrainer
-from ma_ray.runtime.cluster import connect
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.cluster import init_ray
+from ma_ray.runtime.worker_set import WorkerSet
 
 TOLERANCE = 1e-5  # fp64 and fp32: every figure, the initial parameters included
 
@@ -75,8 +75,8 @@ def verify(cfg: Config, steps: int = 2, precision: str = "fp64",
             raise ConfigError(f"--rebalance: step {step} is not between 1 and --steps - 1 ({steps - 1})")
         check_split(cfg, k, key=f"--rebalance {step}:{k}")
     dataset = build_dataset(cfg)
-    connect(cfg.cluster)
-    job = TrainingJob(cfg, dataset, torch_threads=torch_threads)
+    init_ray(cfg.cluster)
+    job = WorkerSet(cfg, dataset, torch_threads=torch_threads)
     try:
         reference = ReferenceTrainer(cfg)
         init_std = cfg.model.initializer_range

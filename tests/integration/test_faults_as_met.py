@@ -5,7 +5,7 @@ a run writes to it (a tmpfs of its own, remounted or filled by this process).
 
 2 nodes x 2 emulated GPUs, the tiny model of ``live-job.yaml``, synthetic data. ``ma-ray train``
 runs as a user runs it where the terminal or the exit code is the point; elsewhere ``train`` or a
-``TrainingJob`` runs in this process on the shared cluster.
+``WorkerSet`` runs in this process on the shared cluster.
 """
 
 import errno
@@ -32,7 +32,7 @@ from ma_ray.control.metrics_log import MetricsLog
 from ma_ray.data import build_dataset
 from ma_ray.errors import JobFailed
 from ma_ray.run_folder import new_job_id
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.storage import StorageError
 from ma_ray.train import train
 
@@ -169,7 +169,7 @@ def _poison_next_step(worker) -> None:
 def test_a_skipped_step_under_topk_leaves_the_residuals_as_they_were(cfg):
     topk = cfg.replace(**{"comm.gradient_compression": "topk", "comm.compression_warmup_steps": 0,
                           "train.on_nonfinite": "skip"})
-    job = TrainingJob(topk, build_dataset(topk), torch_threads=1)
+    job = WorkerSet(topk, build_dataset(topk), torch_threads=1)
     try:
         for step in range(2):
             assert not job.step(step).skipped

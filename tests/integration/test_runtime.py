@@ -14,7 +14,7 @@ import ray
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.runtime.cluster import ClusterError
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, verify
 from ma_ray.verify.run import BF16_TOLERANCE
@@ -88,7 +88,7 @@ def test_pipelined_chunked_schedule_matches_reference(in_flight, k):
 
 def test_capacity_drops_are_exercised():
     cfg = small(**{"moe.capacity_factor": 0.5})
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         metrics = job.step(0)
     finally:
@@ -111,7 +111,7 @@ def test_cluster_too_small_fails_fast_with_one_line():
                    "model.num_attention_heads": 6, "moe.num_experts": 28})
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as err:
-        TrainingJob(cfg, build_dataset(cfg))
+        WorkerSet(cfg, build_dataset(cfg))
     assert time.monotonic() - t0 < 30
     message = str(err.value)
     assert "\n" not in message and "needed 8 node(s) x 4 GPU(s) = 32 GPUs" in message and "16 GPU(s)" in message
@@ -119,7 +119,7 @@ def test_cluster_too_small_fails_fast_with_one_line():
 
 def test_dead_worker_fails_the_step_with_a_named_error():
     cfg = small(**{"comm.synchronization_timeout_ms": 2000})
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         job.step(0)
 
@@ -192,7 +192,7 @@ def test_bf16_matches_the_reference_autocast_within_bf16_tolerance():
 
 def test_local_preset_trains_in_bf16_with_activation_checkpointing():
     cfg = C.load(LOCAL, ["train.mixed_precision=bf16", "train.activation_checkpointing=true"])
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         losses = [job.step(step).loss for step in range(5)]
     finally:
@@ -206,7 +206,7 @@ def test_local_preset_trains_in_bf16_with_activation_checkpointing():
 def test_nccl_backend_on_a_cpu_worker_fails_at_set_up_naming_the_key():
     cfg = small(**{"comm.backend": "nccl"})
     with pytest.raises(WorkerCallFailed) as err:
-        TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+        WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     text = str(err.value)
     assert "\n" not in text and text.startswith("set-up failed on 6 of 6 workers: node0-gpu0 (attention): "), text
     assert "ConfigError: comm.backend: nccl needs a CUDA device" in text, text

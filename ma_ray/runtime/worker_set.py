@@ -1,5 +1,6 @@
-"""The driver's handle on a running MA-separated job: the placement group, the worker group (one
-actor per GPU slot, ``runtime.worker_group``), and the plan they run.
+"""One set of a job's workers: the placement group, the worker group (one actor per GPU slot,
+``runtime.worker_group``), and the plan they run. A job (``control.controller``) has one at a
+time; a restart builds a new set, a move keeps the set and gives it a new plan.
 
 It only moves scalars (losses, timings): tensors cross between workers through the collective
 groups. ``export`` is the exception, for verification: it gathers parameters, gradients or
@@ -31,12 +32,13 @@ from ma_ray.runtime.worker_group import WorkerGroup
 CLOSE_TIMEOUT_S = 30.0  # shutting down is best effort: the actors are killed after it
 
 
-class TrainingJob:
+class WorkerSet:
     def __init__(self, cfg, dataset, name: str | None = None, torch_threads: int | None = None,
                  checkpoint: str | None = None, generation: int = 0):
-        """Workers for ``cfg`` at its split. ``generation``: the first generation's number; a job
-        restarted after a failure starts past its predecessor's, so its collective groups get
-        names no dead process still holds. A move (``move_to``) changes ``plan``, never ``cfg``."""
+        """Workers for ``cfg`` at its split. ``name``: the placement group's name and the prefix
+        of the collective groups' names; ``generation``: the number of its first groups, past any
+        a dead set held (docs/architecture.md#lifetimes-and-their-names). A move (``move_to``)
+        changes ``plan``, never ``cfg``."""
         if strict_requested(cfg.comm.strict_nccl) and not cfg.comm.strict_nccl:
             cfg = cfg.replace(**{"comm.strict_nccl": True})  # MA_RAY_STRICT_NCCL=1 reaches every worker
         self.cfg = cfg
