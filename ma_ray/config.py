@@ -37,7 +37,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
-    # The seed fixes no vocabulary; GPT-2's BPE size is the usual default for a 4k-hidden model.
+    # The methodology fixes no vocabulary; GPT-2's BPE size is the usual default for a 4k-hidden model.
     vocab_size: int = 50257
 
 
@@ -46,7 +46,7 @@ class MoEConfig:
     num_experts: int = 16
     top_k: int = 2
     capacity_factor: float = 1.0
-    # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The seed's
+    # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The methodology's
     # "expert_capacity: 2048" contradicts its capacity_factor 1.0 (which gives 16384 at micro-batch
     # 64 x 2048, top-2, 16 experts); the presets follow the capacity factor (docs/method.md).
     expert_capacity: Optional[int] = None
@@ -82,16 +82,16 @@ class BalanceConfig:
     rebalancing_interval: int = 100
     min_attention_gpus: int = 8
     max_attention_gpus: int = 14
-    # Seed time model, as written: [constant, seq_len, hidden_dim] and
+    # The methodology's time model, as written: [constant, seq_len, hidden_dim] and
     # [constant, expert_dim, active_experts] coefficients, in seconds.
     attn_time_coef: List[float] = field(default_factory=lambda: [0.0012, 0.000034, 0.0000087])
     moe_time_coef: List[float] = field(default_factory=lambda: [0.0008, 0.000045, 0.000012])
     # The layout the coefficients above describe, [num_nodes, gpus_per_node, attention_gpus]:
-    # the seed's 4 x 4 at 12. Another layout's stage times follow from its GPUs' work relative
+    # the methodology's 4 x 4 at 12. Another layout's stage times follow from its GPUs' work relative
     # to this one's (parallel/workload.py), so the planner, the controller's prior and the
     # emulation price every layout alike. null: the configured layout.
     time_coef_layout: Optional[List[int]] = field(default_factory=lambda: [4, 4, 12])
-    # Prior of a migration's pause (not in the seed): seconds any change of split costs (roles
+    # Prior of a migration's pause (not in the methodology): seconds any change of split costs (roles
     # and collective groups rebuilt), and the rate at which the busiest receiving GPU takes in
     # moved parameters and moments. Measured pauses refine it (control/migration_cost.py).
     migration_fixed_s: float = 10.0
@@ -123,7 +123,7 @@ class CommConfig:
     # The attention pool's collectives inside each node, then across nodes (comm.aggregation).
     hierarchical_allreduce: bool = True
     # How gradients cross nodes (the cross-node level of the two-level all-reduce, comm.cross_node):
-    # "none" (exact), "bf16" (a dense bf16 ring, torch's bf16 hook's math), or "topk" (the seed's:
+    # "none" (exact), "bf16" (a dense bf16 ring, torch's bf16 hook's math), or "topk" (the methodology's:
     # the sparsification_ratio largest entries of each block of compression_block_size, in
     # quantization_bits with a scale per block, with error feedback).
     gradient_compression: Literal["none", "bf16", "topk"] = "none"
@@ -216,7 +216,7 @@ class ControlConfig:
 
 @dataclass
 class MemoryConfig:
-    # The seed's per-GPU memory figures, kept as budgets the plan compares its estimate with.
+    # The methodology's per-GPU memory figures, kept as budgets the plan compares its estimate with.
     attention_gpu_budget_gb: float = 123.7
     moe_gpu_budget_gb: float = 123.7
 
@@ -227,7 +227,7 @@ class EmulationConfig:
     # configured above (``parallel.emulation``), while small stand-in tensors of the stand_in_* shapes
     # run the real model code and travel through the real collectives.
     modelled_compute: bool = False
-    # YAML with attn_time_coef and moe_time_coef (the seed's formula form, seconds); null = the
+    # YAML with attn_time_coef and moe_time_coef (the methodology's formula form, seconds); null = the
     # balance section's coefficients.
     calibration_file: Optional[str] = None
     # Link bandwidths a transfer's wait is computed from, GB/s per direction: NVLink 4 on an

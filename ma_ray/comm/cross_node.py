@@ -6,7 +6,7 @@ by ``cross_node_reducer`` (``comm.gradient_compression``):
 * ``Bf16CrossNode`` ("bf16"): a ring all-reduce of a bf16 copy, the math of torch's
   ``bf16_compress_hook`` (``comm.compression.to_bf16_wire``); half the bytes, bf16's rounding,
   no state.
-* ``TopKCrossNode`` ("topk", the seed's): each member compresses its piece plus its residual
+* ``TopKCrossNode`` ("topk", the methodology's): each member compresses its piece plus its residual
   (``comm.compression``: the ``sparsification_ratio`` largest entries of each block, values in
   ``quantization_bits``), each tensor's run of the piece on its own, the members all-gather the
   messages and each decodes all of them in member order, so every member holds the same sum. A sparse reduction is an all-gather, whose

@@ -1,6 +1,6 @@
 """Pure planning (no Ray, no torch): which GPU holds which heads or experts for a split of the
 cluster between the attention and MoE pools, what moves when the split changes, how much memory
-each GPU needs, and the seed's stage-time model.
+each GPU needs, and the methodology's stage-time model.
 
 Modules: ``shares`` (balanced contiguous partition), ``placement`` (the plan), ``diff`` (plan to
 plan), ``memory`` (per-GPU estimate), ``time_model`` (predicted stage times), ``report`` (what

@@ -7,7 +7,7 @@ a short micro-batch) and queue each stage's predicted duration on an emulated de
 (``runtime.emulated_device``). So the schedule, routing, placement and every message are real,
 and the timings the controller sees are those of the configured (e.g. paper) shapes.
 
-Stage durations come from the time model of ``parallel.workload``: the seed's formula at the
+Stage durations come from the time model of ``parallel.workload``: the methodology's formula at the
 reference split (``cluster.attention_gpus``), split into per-GPU work terms, evaluated at a
 worker's own heads, token slice, experts and routed rows. Its coefficients are the balance
 section's, or a calibration file's when one is given. A stage (one layer of one micro-batch) is
@@ -89,7 +89,7 @@ class StageDurations:
     attention_terms: Tuple[float, float, float]  # constant, heads, tokens: seconds at the reference
     moe_terms: Tuple[float, float, float]  # constant, experts, rows: seconds at the reference
     reference: Tuple[int, int, int, float]  # heads, tokens, experts, rows of the reference split
-    coefficients: Tuple[list, list]  # the seed-form coefficients used, for the record
+    coefficients: Tuple[list, list]  # the methodology-form coefficients used, for the record
     source: str  # where they came from
     token_scale: float  # configured tokens per micro-batch over the stand-in's
     hidden_size: int
@@ -256,7 +256,7 @@ def stage_durations(cfg: Config) -> StageDurations:
     else:
         source = "balance.attn_time_coef / balance.moe_time_coef"
     work = Workload(cfg)
-    (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.seed_prior()
+    (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.methodology_prior()
     ref = work.reference_shape
     precision = precision_of(cfg)
     stand_in_tokens = e.stand_in_seq_length * e.stand_in_micro_batch_size

@@ -11,18 +11,18 @@ Which slots the MoE pool takes
     * every attention GPU talks to every MoE GPU at every layer; with the MoE pool spread evenly,
       each node carries the same share of that traffic on its inter-node link (and keeps the same
       share on its fast intra-node link), instead of one node's NIC carrying all of it;
-    * the seed's hierarchical all-reduce of the attention pool reduces inside each node first
+    * the methodology's hierarchical all-reduce of the attention pool reduces inside each node first
       (``comm.hierarchical_allreduce``, ``parallel.hierarchy``); an even spread leaves every node with the same number of attention GPUs (or one fewer), so such
       intra-node groups are equal as far as the split allows and no node's group is the straggler;
     * the choice is nested: the MoE slots of a pool of ``m`` GPUs are the first ``m`` of one fixed
       order, so moving one GPU between the pools (k -> k +/- 1) changes the role of exactly one
       slot and leaves every other GPU on its side;
     * the highest local indices go to MoE so attention GPUs keep the low local indices, as in the
-      seed (local GPU 3 of each 4-GPU node is the MoE GPU).
+      methodology (local GPU 3 of each 4-GPU node is the MoE GPU).
 
 Global numbering
     Attention GPUs first, ordered by (node, local GPU), then MoE GPUs in the round-robin order
-    above. For the paper's 4 x 4 with 12 attention GPUs that is exactly the seed: GPUs 0-11 are
+    above. For the paper's 4 x 4 with 12 attention GPUs that is exactly the methodology's: GPUs 0-11 are
     local 0-2 of nodes 0-3, and MoE GPU 12 + j is local GPU 3 of node j. Ordering the MoE pool by
     deal order (not by slot) also keeps every MoE GPU's rank in its pool when the pool grows.
     A GPU's position in its pool (``rank``) is its rank in that pool's collective group.

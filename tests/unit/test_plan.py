@@ -50,7 +50,7 @@ def every_split():
 
 # --- the seed's layout --------------------------------------------------------------------------
 
-def test_seed_layout_4x4_k12():
+def test_methodology_layout_4x4_k12():
     plan = make_plan(Config())
     assert plan.attention_gpus == 12 and plan.moe_gpus == 4
     assert [len(g.heads) for g in plan.attention_workers()] == [3] * 8 + [2] * 4
