@@ -9,7 +9,7 @@ achieved / ideal. Every figure is measured in this run; the ideal comes from the
   ``--micro-batches`` micro-batches per step. Stage times of the ideal are the device times the
   run measured (the time model at each worker's actual routed rows; the busiest worker of each pool),
   plus the attention stage's modelled ring collectives (two per pass, and the recompute's gather); ``T_c`` is the busiest MoE
-  GPU's inbound rows over its links at a uniform router. Goals at m = 4 (issue 5): efficiency
+  GPU's inbound rows over its links at a uniform router. Goals at m = 4: efficiency
   >= ``comm.overlap_efficiency_target`` (0.85; the last line says whether it is met),
   achieved / ideal <= 1.10.
 * ``--mode real``: the local CPU preset computing for real; stage times of the ideal are the

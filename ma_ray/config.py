@@ -131,7 +131,7 @@ class CommConfig:
     # Optimizer steps, from step 0, whose gradients cross nodes dense and exact before topk
     # compresses (1-bit Adam's warm-up stage, DGC's warm-up): 20 % of train.num_train_steps,
     # inside the 15-25 % 1-bit Adam found enough; the local preset measured its own
-    # (bench/RESULTS.md, issue 11).
+    # (bench/RESULTS.md).
     compression_warmup_steps: int = 10000
     # gloo groups behave like NCCL: every op blocking in issue order, sends that
     # complete only at the matching receive, a wait past the timeout reported as a deadlock

@@ -14,7 +14,7 @@ by ``cross_node_reducer`` (``comm.gradient_compression``):
   and would not inside one. The first ``comm.compression_warmup_steps`` optimizer steps cross
   dense and exact, as 1-bit Adam's warm-up stage and Deep Gradient Compression's warm-up do:
   compressed from the first step, the local preset's run opens a gap to the exact run in its
-  first ~50 steps that does not close (3.4 % of the loss at step 200; bench/RESULTS.md, issue 11).
+  first ~50 steps that does not close (3.4 % of the loss at step 200; bench/RESULTS.md).
 
 Every reducer learns the optimizer step before the step's reductions (``begin_step``);
 ``compresses`` and ``wire_factor`` describe the step under way.

@@ -2,8 +2,7 @@
 record of a failure the run recovered from (or ended with), and the error of a non-finite step
 that ends a run. Pure code: no Ray, no torch.
 
-A stalled worker never answers, and on GPUs nothing else bounds it (NCCL ops have no timeout:
-``shared/DESIGN.md``), so the controller's wait on a step is the watchdog. Its deadline is the
+A stalled worker never answers, and on GPUs nothing else bounds it (NCCL ops have no timeout), so the controller's wait on a step is the watchdog. Its deadline is the
 step's expected time, ``DEADLINE_FACTOR`` times the larger of the predictor's step time
 (``parallel.step_time``) and the slowest step measured recently at this split, plus
 ``comm.synchronization_timeout_ms``, the time a worker's peers wait before they fail on their

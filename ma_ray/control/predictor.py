@@ -5,7 +5,7 @@ Model, per pool (attention, MoE)::
 
     T_pool(k) = level * scale * (w . x_pool(k))
 
-* ``x_pool(k)``: features of the busiest GPU's work at split ``k`` (``control.workload``),
+* ``x_pool(k)``: features of the busiest GPU's work at split ``k`` (``parallel.workload``),
   normalised to 1 at the reference split (``cluster.attention_gpus``);
 * ``w``: dimensionless coefficients (each term's share of the reference stage time), a Bayesian
   linear regression (``control.regression``) with prior mean = the methodology's formula split into the

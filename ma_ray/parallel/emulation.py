@@ -4,7 +4,7 @@ configured shapes, and the small model that actually runs meanwhile.
 With ``emulation.modelled_compute`` the workers run the real model code and collectives on stand-in
 tensors (``stand_in_config``: the configured heads, experts, layers and topology, with tiny widths and
 a short micro-batch) and queue each stage's predicted duration on an emulated device timeline
-(``runtime.emulated_device``). So the schedule, routing, placement and every message are real,
+(``runtime.device.ModelledDevice``). So the schedule, routing, placement and every message are real,
 and the timings the controller sees are those of the configured (e.g. paper) shapes.
 
 Stage durations come from the time model of ``parallel.workload``: the methodology's formula at the

@@ -1,4 +1,4 @@
-"""Host synchronisations of a train step, counted inside the real workers (issue 15).
+"""Host synchronisations of a train step, counted inside the real workers.
 
 On a GPU, every read of a device value on the host, every op whose output size depends on the
 data and every blocking copy of host data to the device makes the host wait until the device has

@@ -2,8 +2,8 @@
 migration cost, on scripted timing streams (no Ray, no torch).
 
 The streams come from a synthetic "true" cost model: each pool's stage time is a fixed mix of
-the per-GPU work terms of ``control.workload`` (with shares that differ from the seed's prior,
-and a scale orders of magnitude below the seed's, as on a real cluster), times multiplicative
+the per-GPU work terms of ``parallel.workload`` (with shares that differ from the methodology's
+prior, and a scale orders of magnitude below the methodology's, as on a real cluster), times multiplicative
 Gaussian noise. Load shifts scale one pool's time at a chosen step.
 """
 
