@@ -201,7 +201,8 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, t
             if recovering is not None:
                 _wait_name_free(name, namespace)
             controller = launch(cfg, dataset, out, job_id, resume, torch_threads,
-                                recovering=recovering, earlier_failures=log.failures()[before:], incarnation=deaths)
+                                recovering=recovering, earlier_failures=log.failures()[before:],
+                                workers_name=incarnation_name(name, deaths))
             ready = controller.ping.remote()
             run = controller.run.remote()
             try:

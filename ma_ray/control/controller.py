@@ -22,7 +22,7 @@ import ray
 from ray.util import metrics as ray_metrics
 
 from ma_ray.config import Config, check_split
-from ma_ray.control.client import controller_name, incarnation_name
+from ma_ray.control.client import controller_name
 from ma_ray.control.elastic import shrunk
 from ma_ray.control.faults import (Failure, NonFiniteStep, move_deadline_s, save_deadline_s, skipped_in_a_row,
                                    step_deadline_s)
@@ -94,15 +94,16 @@ class _Gauges:
 class Controller:
     def __init__(self, cfg: Config, dataset, out: str, steps: int, resume: Optional[str] = None,
                  torch_threads: Optional[int] = None, job_id: Optional[str] = None,
-                 recovering: Optional[dict] = None, earlier_failures: Sequence[dict] = (), incarnation: int = 0):
+                 recovering: Optional[dict] = None, earlier_failures: Sequence[dict] = (),
+                 workers_name: Optional[str] = None):
         """``cfg``: the run's config, at the split its workers start at (a resume's: settled by the
         caller). ``resume``: the checkpoint folder to continue from, verified
-        (``checkpoint.verify``) by the caller; ``job_id``: the run's (``run_folder.new_job_id``), in this actor's name and its
-        gauges' tags; ``recovering``: the failure of the controller this one replaces
+        (``checkpoint.verify``) by the caller; ``job_id``: the run's (``run_folder.new_job_id``),
+        in this actor's name and its gauges' tags; ``recovering``: the failure of the controller this one replaces
         (``Failure.to_dict``), recorded as recovered from once this one's workers are ready;
         ``earlier_failures``: those of the run before it, which count against
-        ``train.max_failures``; ``incarnation``: how many controllers of the run died before
-        this one (its workers' groups get names none of theirs had)."""
+        ``train.max_failures``; ``workers_name``: the name of this incarnation's workers (default:
+        this actor's; docs/architecture.md#lifetimes-and-their-names)."""
         self.cfg = self.full_cfg = cfg  # cfg: the topology run now (smaller after an elastic restart)
         self.job_id = job_id or new_job_id()
         self.name = controller_name(cfg.control.name, self.job_id)
@@ -135,10 +136,7 @@ class Controller:
         self.failures = [Failure(**row) for row in earlier_failures]
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
         self.next_boundary = self.start_step  # the step before which the run thread next reads requests
-        # The workers' placement group and collective groups are named after this incarnation
-        # (docs/architecture.md#lifetimes-and-their-names): two jobs share none, nor two
-        # incarnations of one.
-        self.workers_name = incarnation_name(self.name, incarnation)
+        self.workers_name = workers_name or self.name
         self.job = self._restart(cfg, folder, generation=0)
         shrank = self.job.cfg.total_gpus != cfg.total_gpus
         if shrank:
