@@ -216,9 +216,7 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
 
 def make_plan(cfg: Config) -> Plan:
     """The plan of ``cfg`` at its split, ``cluster.attention_gpus`` (validated with the config)."""
-    c = cfg.cluster
-    plan = place(c.num_nodes, c.gpus_per_node, c.attention_gpus, cfg.model.num_attention_heads, cfg.moe.num_experts)
-    return dataclasses.replace(plan, replicas=c.replicas)
+    return _placed(cfg, cfg.cluster.attention_gpus)
 
 
 def plan_of_move(cfg: Config, target: int) -> Plan:
@@ -226,8 +224,12 @@ def plan_of_move(cfg: Config, target: int) -> Plan:
     topology. ConfigError (one line) when the topology and model cannot hold it; the policy
     range is the caller's to check (the live policy's may differ from the config's)."""
     check_split(cfg, target, within_policy=False)
+    return _placed(cfg, target)
+
+
+def _placed(cfg: Config, attention_gpus: int) -> Plan:
     c = cfg.cluster
-    plan = place(c.num_nodes, c.gpus_per_node, target, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    plan = place(c.num_nodes, c.gpus_per_node, attention_gpus, cfg.model.num_attention_heads, cfg.moe.num_experts)
     return dataclasses.replace(plan, replicas=c.replicas)
 
 

@@ -87,6 +87,28 @@ def test_resume_with_nothing_to_do_says_so_without_ray(capsys, tmp_path):
         assert "already at step 4" in out and out.count("\n") == 1
 
 
+def test_a_resume_runs_at_its_checkpoints_split_unless_another_is_asked(capsys, tmp_path, monkeypatch):
+    """The split is settled at the entry point: the checkpoint's (3 here, the config's is 4), or
+    --attention-gpus; train() gets it inside the config."""
+    import ma_ray.train as T
+
+    folder = tmp_path / "run"
+    checkpoints = folder / "checkpoints"
+    (checkpoints / "step-00000003").mkdir(parents=True)
+    (checkpoints / "step-00000003" / "meta.json").write_text(json.dumps({"step": 3, "attention_gpus": 3}))
+    (checkpoints / "latest").write_text("step-00000003\n")
+    (folder / "config.yaml").write_text(CONFIG.read_text())
+    seen = []
+    monkeypatch.setattr(T, "resume_point", lambda root, step=None: root / "step-00000003")
+    monkeypatch.setattr(T, "train", lambda cfg, out, job_id, resume=None: seen.append((cfg, resume)) or {"text": ""})
+    assert run(capsys, "train", "--resume", str(folder), "--steps", "10")[0] == 0
+    assert seen[-1][0].cluster.attention_gpus == 3 and seen[-1][1] == checkpoints / "step-00000003"
+    assert run(capsys, "train", "--resume", str(folder), "--steps", "10", "--attention-gpus", "5")[0] == 0
+    assert seen[-1][0].cluster.attention_gpus == 5
+    code, _, err = run(capsys, "train", "--resume", str(folder), "--steps", "10", "--attention-gpus", "6")
+    assert code == 2 and err.startswith("ma-ray: error: --attention-gpus: 6 is outside")
+
+
 def test_steps_is_the_lr_schedules_length():
     def cfg(*argv):
         return _train_config(build_parser().parse_args(["train", "--config", str(CONFIG), *argv]))
