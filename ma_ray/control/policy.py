@@ -50,8 +50,8 @@ once applied, and moves made by hand alike), so the caller never reports them se
 
 ``PolicyParams`` holds the knobs ``set_policy`` exposes (threshold, interval, range, enabled) and
 the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``;
-the class has no defaults of its own); ``updated(**changes)`` returns a validated copy
-(ValueError, one line). The decision kinds are the module constants below (``DISABLED``,
+the class has no defaults of its own) and checked by the config's rules
+(``config.check_policy``); ``updated(**changes)`` returns a checked copy (ValueError, one line). The decision kinds are the module constants below (``DISABLED``,
 ``NOT_DUE``, ...); compare ``Decision.reason`` with them, not with their spelling.
 Pure code; ``state_dict()`` round-trips through plain data.
 """
