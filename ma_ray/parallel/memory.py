@@ -313,16 +313,14 @@ def moe_rows(cfg: Config, num_experts: int) -> int:
     return min(num_experts * min(expert_capacity(cfg), tokens), tokens * cfg.moe.top_k)
 
 
-def moe_activations(cfg: Config, num_experts: int, device: str = "cuda",
-                    attention_gpus: Optional[int] = None) -> ActivationModel:
+def moe_activations(cfg: Config, num_experts: int, attention_gpus: int, device: str = "cuda") -> ActivationModel:
     """Activation terms of a MoE GPU holding ``num_experts`` experts, every expert at capacity,
-    as ``runtime.moe_role`` keeps them, rows coming from ``attention_gpus`` sources (default
-    ``cluster.attention_gpus``)."""
+    as ``runtime.moe_role`` keeps them, rows coming from ``attention_gpus`` sources."""
     m, p = cfg.model, precision_of(cfg)
     a, w = p.activation_bytes, p.cast_bytes
     rows = moe_rows(cfg, num_experts)
     hidden, inner = m.hidden_size, m.intermediate_size
-    sources = attention_gpus if attention_gpus is not None else cfg.cluster.attention_gpus
+    sources = attention_gpus
     # Each compute batch casts the weights of every expert it has rows of, and without
     # checkpointing each cast is kept: one per chunk and per expert boundary inside the chunks
     # (each source's rows come sorted by expert, in chunks of communication_chunk_size rows).
@@ -399,7 +397,7 @@ def activation_model(cfg: Config, plan: Plan, gpu: GpuAssignment, fused_attentio
                      device: str = "cuda") -> ActivationModel:
     if gpu.role == ATTENTION:
         return attention_activations(cfg, len(gpu.heads), plan.attention_gpus, fused_attention, device)
-    return moe_activations(cfg, len(gpu.experts), device, plan.attention_gpus)
+    return moe_activations(cfg, len(gpu.experts), plan.attention_gpus, device)
 
 
 def residual_bytes(cfg: Config, plan: Plan, gpu: GpuAssignment) -> int:

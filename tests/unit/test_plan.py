@@ -380,7 +380,7 @@ def test_checkpointing_and_scaling():
         assert off.activations_bytes == e.activations_full_bytes
     # a MoE GPU's activations scale with its experts; an attention GPU's with micro-batch size
     plan9 = plan_of_move(cfg, 9)
-    three, two = M.moe_activations(cfg, 3), M.moe_activations(cfg, 2)
+    three, two = M.moe_activations(cfg, 3, 12), M.moe_activations(cfg, 2, 12)
     assert three.checkpointed_bytes() * 2 == two.checkpointed_bytes() * 3
     assert M.estimate_gpu(cfg, plan9, plan9.gpus[9]).total_bytes > M.estimate_gpu(cfg, plan9, plan9.gpus[15]).total_bytes
     half = cfg.replace(**{"train.micro_batch_size": 32, "train.gradient_accumulation_steps": 32})
@@ -390,7 +390,7 @@ def test_checkpointing_and_scaling():
 def test_micro_batches_in_flight_multiply_saved_activations():
     cfg = Config()
     two = cfg.replace(**{"schedule.micro_batches_in_flight": 2})
-    for make in (lambda c: M.attention_activations(c, 3, 12), lambda c: M.moe_activations(c, 4)):
+    for make in (lambda c: M.attention_activations(c, 3, 12), lambda c: M.moe_activations(c, 4, 12)):
         one, both = make(cfg), make(two)
         assert both.full_bytes() == 2 * one.full_bytes()
         assert both.checkpointed_bytes() == 2 * one.checkpointed_bytes()
