@@ -612,17 +612,17 @@ def check_policy(values: dict, prefix: str) -> None:
                 "min_gain_fraction", "return_window", "return_gain_factor", "settle_steps"):
         _coerce(hints[key], values[key], prefix + key)
     v = values
-    _require(v["rebalancing_interval"] >= 1, f"{prefix}rebalancing_interval: must be at least 1, got "
-                                              f"{v['rebalancing_interval']}")
-    _require(v["min_attention_gpus"] >= 1, f"{prefix}min_attention_gpus: must be at least 1, got "
-                                            f"{v['min_attention_gpus']}")
-    _require(v["imbalance_threshold"] >= 0 and math.isfinite(v["imbalance_threshold"]), f"{prefix}imbalance_threshold: must not be negative, got "
-                                             f"{v['imbalance_threshold']}")
-    _require(v["min_gain_fraction"] >= 0 and math.isfinite(v["min_gain_fraction"]), f"{prefix}min_gain_fraction: must not be negative, got "
-                                           f"{v['min_gain_fraction']}")
-    _require(v["return_window"] >= 0, f"{prefix}return_window: must not be negative, got {v['return_window']}")
-    _require(v["return_gain_factor"] >= 1.0 and math.isfinite(v["return_gain_factor"]), f"{prefix}return_gain_factor: must be at least 1, got "
-                                              f"{v['return_gain_factor']}")
+
+    def at_least(key: str, low: float, rule: str) -> None:
+        value = v[key]
+        _require(value >= low and math.isfinite(value), f"{prefix}{key}: {rule}, got {value}")
+
+    at_least("rebalancing_interval", 1, "must be at least 1")
+    at_least("min_attention_gpus", 1, "must be at least 1")
+    at_least("imbalance_threshold", 0, "must not be negative")
+    at_least("min_gain_fraction", 0, "must not be negative")
+    at_least("return_window", 0, "must not be negative")
+    at_least("return_gain_factor", 1.0, "must be at least 1")
     _require(v["settle_steps"] is None or v["settle_steps"] >= 0,
              f"{prefix}settle_steps: must be null or not negative, got {v['settle_steps']}")
     _require(v["min_attention_gpus"] <= v["max_attention_gpus"],

@@ -49,11 +49,11 @@ The policy learns of moves by seeing ``current_k`` change between calls (its own
 once applied, and moves made by hand alike), so the caller never reports them separately.
 
 ``PolicyParams`` holds the knobs ``set_policy`` exposes (threshold, interval, range, enabled) and
-the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``;
-the class has no defaults of its own) and checked by the config's rules
-(``config.check_policy``); ``updated(**changes)`` returns a checked copy (ValueError, one line). The decision kinds are the module constants below (``DISABLED``,
-``NOT_DUE``, ...); compare ``Decision.reason`` with them, not with their spelling.
-Pure code; ``state_dict()`` round-trips through plain data.
+the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``; the
+class has no defaults of its own) and checked by the config's rules (``config.check_policy``);
+``updated(**changes)`` returns a checked copy (ValueError, one line). The decision kinds are the
+module constants below (``DISABLED``, ``NOT_DUE``, ...); compare ``Decision.reason`` with them, not
+with their spelling. Pure code; ``state_dict()`` round-trips through plain data.
 """
 
 from __future__ import annotations
