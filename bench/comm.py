@@ -84,7 +84,7 @@ def analytic(cfg) -> dict:
     rows_bytes = tokens * cfg.model.hidden_size * d.activation_bytes
     index_bytes = tokens * cfg.moe.top_k * 8
     reducer = cross_node_reducer(c.gradient_compression,
-                                 CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+                                 CompressionSettings.of(c))
     layout = TwoLevelLayout.of_plan(plan)
     pieces = layout.pieces if hierarchical else 1
     piece_numel = int(d.replicated_grad_bytes / d.grad_bytes / pieces)

@@ -66,8 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     mb = args.micro_batches
     base = emulated_paper(mb, args.overrides)
-    c = base.comm
-    reducers = every_reducer(CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+    reducers = every_reducer(CompressionSettings.of(base.comm))
     counts = [int(n) for n in args.gpus.split(",") if n]
     largest = max([2 * base.total_gpus] * (not args.skip_seed) + counts)
     # One emulated cluster for every job: as many fake GPUs as the largest needs.
