@@ -69,9 +69,9 @@ def resume_point(checkpoints: Path, resume_step: Optional[int] = None) -> Path:
 def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_threads: Optional[int] = None,
           resume: Optional[Path] = None) -> dict:
     """Train job ``job_id`` up to step ``train.num_train_steps`` in the run folder ``out`` (new
-    or empty, or the folder checkpoint ``resume`` is in, ``resume_point``'s), at ``cfg``'s split
-    (a resume's settled by the caller: the checkpoint's unless another was asked for); returns
-    the summary (``text``: the lines for a person, the rest as in ``summary.json``)."""
+    or empty; resuming, the run folder of checkpoint ``resume``, chosen by ``resume_point``) at
+    ``cfg``'s split (a resume's settled by the caller: the checkpoint's unless another was asked
+    for); returns the summary (``text``: the lines for a person, the rest as in ``summary.json``)."""
     # A bad calibration file fails here, before anything starts. The tokens are those of the
     # tensors the workers compute with (the stand-in's under modelled compute).
     compute_cfg, durations = compute_setup(cfg)
