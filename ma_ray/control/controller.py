@@ -137,15 +137,15 @@ class Controller:
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
         self.next_boundary = self.start_step  # the step before which the run thread next reads requests
         self.workers_name = workers_name or self.name
-        self.job = self._restart(cfg, folder, generation=0)
-        shrank = self.job.cfg.total_gpus != cfg.total_gpus
+        self.worker_set = self._restart(cfg, folder, generation=0)
+        shrank = self.worker_set.cfg.total_gpus != cfg.total_gpus
         if shrank:
-            self._adopt(self.job.cfg)
+            self._adopt(self.worker_set.cfg)
         self.measured_from = 0  # the first history row measured on the current workers and split
         if recovering is not None:
             failure = Failure(**recovering)
             if shrank:  # the node that held the dead controller may be gone with it
-                failure.notes.append(self._shrunk_note(self.job))
+                failure.notes.append(self._shrunk_note(self.worker_set))
             failure.recovered(self.start_step - 1, time.time() - recovering["detected_at"], redone)
             self.failures.append(failure)
             self.metrics_log.append(failure.to_dict())
@@ -176,7 +176,7 @@ class Controller:
                     if self._apply_requests(step):
                         break
                     t0 = time.perf_counter()
-                    metrics = self.job.step(step, timeout_s=self._step_deadline_s())
+                    metrics = self.worker_set.step(step, timeout_s=self._step_deadline_s())
                     self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
                     if metrics.skipped:
                         self._check_skips(step, metrics)
@@ -193,7 +193,7 @@ class Controller:
             raise
         finally:
             # After a failure the groups may be broken and a worker stalled: kill, do not wait.
-            self.job.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
+            self.worker_set.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
         return self.status()
 
     def _check_skips(self, step: int, metrics: StepMetrics) -> None:
@@ -213,7 +213,7 @@ class Controller:
 
     def _step_deadline_s(self) -> float:
         """How long the next step may take before it counts as stalled (``faults``)."""
-        k = self.job.plan.attention_gpus
+        k = self.worker_set.plan.attention_gpus
         with self.lock:
             recent = [r.metrics.step_time_s for r in self.history[self.measured_from:]
                       if r.metrics.attention_gpus == k]
@@ -228,7 +228,7 @@ class Controller:
         recorded (a row of ``metrics.jsonl``, and what ``failures_since`` returns); a restart
         that fails is one more."""
         budget = self.cfg.train.max_failures
-        generation = self.job.generation
+        generation = self.worker_set.generation
         t0 = time.perf_counter()
         while True:
             with self.lock:
@@ -239,15 +239,16 @@ class Controller:
                     raise WorkerCallFailed(f"{exc} (failure {len(self.failures)}, more than "
                                            f"train.max_failures={budget})", exc.operation, exc.failures) from None
                 raise exc
-            self.job.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
+            self.worker_set.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
             folder = latest_intact(self.checkpoints, warn=failure.notes.append)
-            k = self.job.plan.attention_gpus if folder is None else self._restore(folder)
+            k = self.worker_set.plan.attention_gpus if folder is None else self._restore(folder)
             generation += 1  # past every generation the old workers used: no group name is taken twice
             try:
                 # On the run's whole topology at the split it held; after an elastic restart, at
                 # the configured split of the whole topology.
                 same_nodes = self.cfg.cluster.num_nodes == self.full_cfg.cluster.num_nodes
-                job = self._restart(self.full_cfg.with_split(k) if same_nodes else self.full_cfg, folder, generation)
+                workers = self._restart(self.full_cfg.with_split(k) if same_nodes else self.full_cfg, folder,
+                                        generation)
             except (WorkerCallFailed, ClusterError) as again:
                 exc = again if isinstance(again, WorkerCallFailed) else WorkerCallFailed(
                     str(again), "recovery", {"cluster": str(again)})
@@ -256,17 +257,17 @@ class Controller:
             break
         resumed = -1 if folder is None else checkpoint.read_meta(folder)["step"]
         redone = sum(1 for r in self.history if r.step > resumed)
-        if job.cfg.total_gpus != self.cfg.total_gpus:
-            shrank = job.cfg.total_gpus != self.full_cfg.total_gpus
-            self._adopt(job.cfg if shrank else self.full_cfg)
+        if workers.cfg.total_gpus != self.cfg.total_gpus:
+            shrank = workers.cfg.total_gpus != self.full_cfg.total_gpus
+            self._adopt(workers.cfg if shrank else self.full_cfg)
             if shrank:
-                failure.notes.append(self._shrunk_note(job))
+                failure.notes.append(self._shrunk_note(workers))
         recover_s = time.perf_counter() - t0
         self.metrics_log.rewind(resumed)
         self.metrics_log.append(dict(failure.to_dict(), resumed_from=resumed, recover_s=recover_s, steps_lost=redone))
         with self.lock:  # a client sees the failure recovered only with the history it resumed from
             failure.recovered(resumed, recover_s, redone)
-            self.job = job
+            self.worker_set = workers
             self.history = [r for r in self.history if r.step <= resumed]
             self.measured_from = len(self.history)
             self.window.clear()
@@ -274,9 +275,9 @@ class Controller:
             self.last_checkpoint = None if folder is None else str(folder)
         return resumed + 1
 
-    def _shrunk_note(self, job: WorkerSet) -> str:
-        return (f"going on with {job.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
-                f"{job.plan.attention_gpus} attention GPUs (train.elastic)")
+    def _shrunk_note(self, workers: WorkerSet) -> str:
+        return (f"going on with {workers.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
+                f"{workers.plan.attention_gpus} attention GPUs (train.elastic)")
 
     def _restart(self, cfg: Config, folder: Optional[Path], generation: int) -> WorkerSet:
         """New workers from ``folder`` for ``cfg`` (the run's whole topology, at a split); with
@@ -310,16 +311,16 @@ class Controller:
             self.next_boundary = step + 1  # a request from now on waits for the next boundary
         if stop:
             return True
-        if target is not None and target != self.job.plan.attention_gpus:
+        if target is not None and target != self.worker_set.plan.attention_gpus:
             self._migrate(step, target, reason="requested")
         return False
 
     def _migrate(self, step: int, k: int, reason: str) -> None:
-        before = self.job.plan.attention_gpus
+        before = self.worker_set.plan.attention_gpus
         measured = self.migration_cost.migrations > 0  # the defaults' guess is not a bound
         deadline_s = move_deadline_s(self.migration_cost.estimate(before, k) if measured else None,
                                      self.cfg.comm.synchronization_timeout_ms, self.cfg.control.worker_timeout_s)
-        result = self.job.move_to(k, timeout_s=deadline_s)
+        result = self.worker_set.move_to(k, timeout_s=deadline_s)
         with self.lock:
             self.measured_from = len(self.history)  # the new split's steps are measured afresh
         record = {"before_step": step, "from": before, "to": k, "reason": reason, **result}
@@ -328,7 +329,7 @@ class Controller:
         self.migration_cost.observe(before, k, result["pause_s"])
 
     def _after_step(self, step: int, metrics: StepMetrics) -> None:
-        k = self.job.plan.attention_gpus
+        k = self.worker_set.plan.attention_gpus
         seen = None
         if metrics.t_attention_s > 0 and metrics.t_moe_s > 0:  # a pool that timed nothing teaches nothing
             # Predicted before this step is learnt from: the error on steps the model did not fit.
@@ -362,20 +363,20 @@ class Controller:
         as a migration and a ``grow`` row of ``metrics.jsonl``. A restart that fails here is a
         failure like any other (``_recover``), whose restart takes what the cluster holds."""
         t0 = time.perf_counter()
-        before, old = self.job.plan.attention_gpus, self.job
+        before, old = self.worker_set.plan.attention_gpus, self.worker_set
         old.shutdown()
         try:
-            job = self._restart(self.full_cfg, Path(self.last_checkpoint), old.generation + 1)
+            workers = self._restart(self.full_cfg, Path(self.last_checkpoint), old.generation + 1)
         except ClusterError as exc:  # not even the smaller cluster could be reserved again
             raise WorkerCallFailed(str(exc), "grow back", {"cluster": str(exc)}) from None
-        if job.cfg.total_gpus == self.full_cfg.total_gpus:
+        if workers.cfg.total_gpus == self.full_cfg.total_gpus:
             self._adopt(self.full_cfg)
-        record = {"before_step": step + 1, "from": before, "to": job.plan.attention_gpus,
-                  "reason": f"the cluster holds {job.cfg.cluster.num_nodes} nodes again (train.elastic)",
+        record = {"before_step": step + 1, "from": before, "to": workers.plan.attention_gpus,
+                  "reason": f"the cluster holds {workers.cfg.cluster.num_nodes} nodes again (train.elastic)",
                   "pause_s": time.perf_counter() - t0}
-        self.metrics_log.append({"event": GROW_EVENT, "nodes": job.cfg.cluster.num_nodes, **record})
+        self.metrics_log.append({"event": GROW_EVENT, "nodes": workers.cfg.cluster.num_nodes, **record})
         with self.lock:
-            self.job = job
+            self.worker_set = workers
             self.migrations.append(record)
             self.measured_from = len(self.history)
             self.window.clear()
@@ -385,7 +386,7 @@ class Controller:
             return
         state_bytes = self._state_bytes()
         t0 = time.perf_counter()
-        folder = checkpoint.save(self.job, self.checkpoints, step,
+        folder = checkpoint.save(self.worker_set, self.checkpoints, step,
                                  {"predictor": self.predictor.state_dict(), "policy": self.policy.state_dict(),
                                   "migration_cost": self.migration_cost.state_dict()},
                                  keep=self.cfg.train.keep_checkpoints,
@@ -409,7 +410,7 @@ class Controller:
     def status(self) -> dict:
         with self.lock:
             last = self.history[-1].metrics if self.history else None
-            plan = self.job.plan
+            plan = self.worker_set.plan
             predicted = self.predictor.predict(plan.attention_gpus)
             return {
                 "state": "paused" if not self.unpaused.is_set() and self.state == "running" else self.state,

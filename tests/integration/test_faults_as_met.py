@@ -87,7 +87,7 @@ def test_a_worker_stalled_in_a_save_is_found_by_the_saves_own_deadline(cfg, tmp_
     try:
         wait_for_step(out, 3, thread.is_alive)  # the save after step 2 is written
         controller = ray.get_actor(controller_name(cfg.control.name, job_id), namespace=cfg.control.namespace)
-        workers = ray.get(controller.__ray_call__.remote(lambda c: c.job.workers.actors))
+        workers = ray.get(controller.__ray_call__.remote(lambda c: c.worker_set.workers.actors))
         ray.get(workers[(1, 1)].__ray_call__.remote(_stop_in_next_save))  # after step 5, it stops
         thread.join(timeout=300)
     finally:
