@@ -71,7 +71,7 @@ def main() -> None:
     largest = max([2 * base.total_gpus] * (not args.skip_seed) + counts)
     # One emulated cluster for every job: as many fake GPUs as the largest needs.
     init_ray(dataclasses.replace(base.cluster, num_nodes=largest // base.cluster.gpus_per_node),
-            num_cpus=os.cpu_count())
+             num_cpus=os.cpu_count())
     print(f"emulated paper preset, {mb} micro-batches a step in all, {args.steps} steps a job (first dropped)")
     print(f"{'layout':>22} {'workers':>7} {'split':>6} {'m':>4} {'hier':>5} {'comp':>5} "
           f"{'grad sync ms: recorded / analytic':>33} {'step s: device clock / pred.':>17} {'ratio':>6} "

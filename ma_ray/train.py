@@ -89,7 +89,7 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
             # Workers' own output (Ray's and torch's warnings when a peer dies: C++ stacks) stays
             # in Ray's logs; the terminal gets the progress and one line per failure.
             init_ray(cfg.cluster, namespace=cfg.control.namespace, connect_timeout_s=cfg.control.connect_timeout_s,
-                    log_to_driver=False)
+                     log_to_driver=False)
         except BaseException:
             if created:  # a run that never started leaves no folder behind
                 lock.release()
