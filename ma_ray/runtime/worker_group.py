@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, first_line
 
 ONE_TO_ALL = "one_to_all"
 PER_SLOT = "per_slot"
