@@ -61,8 +61,8 @@ from ma_ray.parallel.emulation import compute_setup, stage_durations  # noqa: E4
 from ma_ray.parallel.hierarchy import INTER_NODE, INTRA_NODE, TwoLevelLayout  # noqa: E402
 from ma_ray.parallel.placement import make_plan  # noqa: E402
 from ma_ray.parallel.shares import share_counts  # noqa: E402
-from ma_ray.runtime.cluster import connect  # noqa: E402
-from ma_ray.runtime.job import TrainingJob  # noqa: E402
+from ma_ray.runtime.cluster import init_ray  # noqa: E402
+from ma_ray.runtime.worker_set import WorkerSet  # noqa: E402
 
 SETTINGS = {
     "flat": {"comm.hierarchical_allreduce": False, "comm.gradient_compression": "none"},
@@ -84,7 +84,7 @@ def analytic(cfg) -> dict:
     rows_bytes = tokens * cfg.model.hidden_size * d.activation_bytes
     index_bytes = tokens * cfg.moe.top_k * 8
     reducer = cross_node_reducer(c.gradient_compression,
-                                 CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+                                 CompressionSettings.of(c))
     layout = TwoLevelLayout.of_plan(plan)
     pieces = layout.pieces if hierarchical else 1
     piece_numel = int(d.replicated_grad_bytes / d.grad_bytes / pieces)
@@ -120,7 +120,7 @@ def analytic(cfg) -> dict:
 def measure(cfg, steps: int) -> dict:
     """Each kept step's device-clock and wall seconds, and the medians of the step's gradient
     synchronisation and bytes (also ``bench/replicas.py``'s)."""
-    job = TrainingJob(cfg, build_dataset(compute_setup(cfg)[0]), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(compute_setup(cfg)[0]), torch_threads=1)
     try:
         rows = []
         for step in range(steps):
@@ -270,7 +270,7 @@ def main() -> None:
     args = ap.parse_args()
     mb = args.micro_batches
     base = emulated_paper(mb, args.overrides)
-    connect(base.cluster, num_cpus=os.cpu_count())
+    init_ray(base.cluster, num_cpus=os.cpu_count())
     byte_rows = bytes_check(base, [int(k) for k in args.bytes_splits.split(",") if k])
     if byte_rows:
         print_bytes(byte_rows)

@@ -89,8 +89,7 @@ class Simulation:
             cuts = [r.start] + [e for e in ends if r.start < e < r.stop] + [r.stop]
             owners = [next(s for s, e in zip(self.sizes, ends) if a < e) for a in cuts[:-1]]
             self.runs.append((r, [b - a for a, b in zip(cuts, cuts[1:])], owners))
-        c = cfg.comm
-        self.settings = CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size)
+        self.settings = CompressionSettings.of(cfg.comm)
         self.feedback = [[[ErrorFeedback(n, self.settings) for n in lengths] for _, lengths, _ in self.runs]
                          for _ in self.layout.nodes]
         self.exact_v: Dict[torch.nn.Parameter, torch.Tensor] = {}

@@ -9,7 +9,7 @@ achieved / ideal. Every figure is measured in this run; the ideal comes from the
   ``--micro-batches`` micro-batches per step. Stage times of the ideal are the device times the
   run measured (the time model at each worker's actual routed rows; the busiest worker of each pool),
   plus the attention stage's modelled ring collectives (two per pass, and the recompute's gather); ``T_c`` is the busiest MoE
-  GPU's inbound rows over its links at a uniform router. Goals at m = 4 (issue 5): efficiency
+  GPU's inbound rows over its links at a uniform router. Goals at m = 4: efficiency
   >= ``comm.overlap_efficiency_target`` (0.85; the last line says whether it is met),
   achieved / ideal <= 1.10.
 * ``--mode real``: the local CPU preset computing for real; stage times of the ideal are the
@@ -39,8 +39,8 @@ from ma_ray.parallel.placement import make_plan  # noqa: E402
 from ma_ray.parallel.search import aggregation_ops_per_stage  # noqa: E402
 from ma_ray.parallel.shares import share_counts  # noqa: E402
 from ma_ray.parallel.workload import Workload  # noqa: E402
-from ma_ray.runtime.cluster import connect  # noqa: E402
-from ma_ray.runtime.job import TrainingJob  # noqa: E402
+from ma_ray.runtime.cluster import init_ray  # noqa: E402
+from ma_ray.runtime.worker_set import WorkerSet  # noqa: E402
 
 
 def emulated_stage_times(cfg):
@@ -62,7 +62,7 @@ def emulated_stage_times(cfg):
 
 def run(cfg, steps):
     dataset = build_dataset(compute_setup(cfg)[0])
-    job = TrainingJob(cfg, dataset, torch_threads=1)
+    job = WorkerSet(cfg, dataset, torch_threads=1)
     try:
         rows = []
         for step in range(steps):
@@ -89,7 +89,7 @@ def main() -> None:
                                                    f"train.batch_size={64 * mb}", *args.overrides])
     else:
         base = C.load("cluster/local-cpu.yaml", ["data.kind=synthetic", *args.overrides])
-    connect(base.cluster, num_cpus=os.cpu_count())
+    init_ray(base.cluster, num_cpus=os.cpu_count())
     layers, micro = base.model.num_layers, base.train.gradient_accumulation_steps
     stages = layers * micro
     print(f"mode={args.mode} layers={layers} micro_batches={micro} steps={args.steps} (first dropped)")

@@ -36,7 +36,7 @@ import ray  # noqa: E402
 from ma_ray.comm.compression import CompressionSettings  # noqa: E402
 from ma_ray.comm.cross_node import every_reducer  # noqa: E402
 from ma_ray.parallel.search import layout_config, predict, search  # noqa: E402
-from ma_ray.runtime.cluster import connect  # noqa: E402
+from ma_ray.runtime.cluster import init_ray  # noqa: E402
 from comm import emulated_paper, measure  # noqa: E402  (bench/, this script's folder)
 
 
@@ -66,13 +66,12 @@ def main() -> None:
     args = ap.parse_args()
     mb = args.micro_batches
     base = emulated_paper(mb, args.overrides)
-    c = base.comm
-    reducers = every_reducer(CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+    reducers = every_reducer(CompressionSettings.of(base.comm))
     counts = [int(n) for n in args.gpus.split(",") if n]
     largest = max([2 * base.total_gpus] * (not args.skip_seed) + counts)
     # One emulated cluster for every job: as many fake GPUs as the largest needs.
-    connect(dataclasses.replace(base.cluster, num_nodes=largest // base.cluster.gpus_per_node),
-            num_cpus=os.cpu_count())
+    init_ray(dataclasses.replace(base.cluster, num_nodes=largest // base.cluster.gpus_per_node),
+             num_cpus=os.cpu_count())
     print(f"emulated paper preset, {mb} micro-batches a step in all, {args.steps} steps a job (first dropped)")
     print(f"{'layout':>22} {'workers':>7} {'split':>6} {'m':>4} {'hier':>5} {'comp':>5} "
           f"{'grad sync ms: recorded / analytic':>33} {'step s: device clock / pred.':>17} {'ratio':>6} "

@@ -2,7 +2,7 @@
 
 Same model, same batches, same step indices, same machine, one run. The reference is the
 single-process ``ReferenceTrainer`` (the oracle of ``ma-ray verify``); the distributed step is
-one ``TrainingJob`` step on an emulated Ray cluster (attention and MoE pools on disjoint
+one ``WorkerSet`` step on an emulated Ray cluster (attention and MoE pools on disjoint
 emulated GPUs, tensors between workers over the CPU gloo backend). Both do the same arithmetic,
 so on the same cores the physical limit of the ratio is 1.0; what is above it is the cost of
 the distributed runtime (transfers, pool collectives, idle pools, Python per op, Ray calls).
@@ -49,8 +49,8 @@ import torch  # noqa: E402
 from ma_ray import config as config_mod  # noqa: E402
 from ma_ray.data import build_dataset  # noqa: E402
 from ma_ray.verify.reference_trainer import ReferenceTrainer  # noqa: E402
-from ma_ray.runtime.cluster import connect  # noqa: E402
-from ma_ray.runtime.job import TrainingJob  # noqa: E402
+from ma_ray.runtime.cluster import init_ray  # noqa: E402
+from ma_ray.runtime.worker_set import WorkerSet  # noqa: E402
 from ma_ray.runtime.step_metrics import summarize  # noqa: E402
 
 # The issue's configuration: compute-dominated (hidden 256, 4 layers, seq 256), 2 + 2 emulated GPUs.
@@ -145,7 +145,7 @@ def _install_op_timing() -> None:
     _role.Role._bench_op_timing = True
 
 
-def distributed_step(job: TrainingJob, step: int):
+def distributed_step(job: WorkerSet, step: int):
     """``job.step`` with the workers' raw results kept (their per-label timings)."""
     by_slot = job.workers.train_step(step)
     results = [by_slot[g.slot] for g in job.plan.gpus]
@@ -214,8 +214,8 @@ def main(argv=None) -> int:
                  runtime_env={"worker_process_setup_hook": _install_op_timing,
                               "env_vars": {"PYTHONPATH": bench_dir}})
     else:
-        connect(cfg.cluster, num_cpus=cores)
-    job = TrainingJob(cfg, dataset, torch_threads=worker_threads)
+        init_ray(cfg.cluster, num_cpus=cores)
+    job = WorkerSet(cfg, dataset, torch_threads=worker_threads)
     print(f"job up in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def run_distributed(step):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ma_ray.config import Config, ControlConfig, load
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, one_line
 
 PROG = "ma-ray"
 EXIT_USAGE = 2
@@ -46,9 +46,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
-    # --attention-gpus K is the split of this run: it replaces cluster.attention_gpus and is the
-    # split validated (errors name --attention-gpus), so a config's own split that K overrides
-    # cannot fail the command.
+    # --attention-gpus K is settled here, the one place the command line's split enters: it
+    # replaces cluster.attention_gpus and is the split validated (errors name --attention-gpus),
+    # so a config's own split that K overrides cannot fail the command. Nothing below takes it.
     return load(args.config, args.overrides, attention_gpus=getattr(args, "attention_gpus", None))
 
 
@@ -92,7 +92,7 @@ def _plan_run(args: argparse.Namespace) -> int:
     from ma_ray.parallel.report import plan_report
 
     cfg = _load_config(args)
-    report = plan_report(cfg, args.attention_gpus)
+    report = plan_report(cfg)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
     return 0
 
@@ -113,8 +113,7 @@ def _plan_search(args: argparse.Namespace) -> int:
     from ma_ray.comm.cross_node import every_reducer
     from ma_ray.parallel.search import format_table, search, to_dict
 
-    c = cfg.comm
-    reducers = every_reducer(CompressionSettings(c.sparsification_ratio, c.quantization_bits, c.compression_block_size))
+    reducers = every_reducer(CompressionSettings.of(cfg.comm))
     result = search(cfg, reducers, args.nodes, gpus)
     print(json.dumps(to_dict(result, cfg), indent=1) if args.json else format_table(result, cfg, args.top))
     return 0
@@ -197,7 +196,8 @@ def _train_run(args: argparse.Namespace) -> int:
     elif args.out is not None:
         run_folder.check_new(Path(args.out))
     cfg = _train_config(args)
-    from ma_ray.train import steps_done, train
+    from ma_ray.runtime.checkpoint import read_meta
+    from ma_ray.train import resume_point, steps_done, train
 
     job_id = run_folder.new_job_id()
     if args.resume is not None:
@@ -207,10 +207,12 @@ def _train_run(args: argparse.Namespace) -> int:
             print(f"{PROG}: {out} is already at step {done} (its latest checkpoint): nothing to train for "
                   f"a run of {cfg.train.num_train_steps} steps; give --steps N above {done} to go on")
             return 0
+        resume = resume_point(resume, args.resume_step)
+        if args.attention_gpus is None:  # the run goes on at its checkpoint's split
+            cfg = cfg.with_split(read_meta(resume)["attention_gpus"])
     else:
         out, resume = Path(args.out) if args.out else run_folder.default_folder(job_id), None
-    summary = train(cfg, out, job_id, resume=resume, attention_gpus=args.attention_gpus,
-                    resume_step=args.resume_step)
+    summary = train(cfg, out, job_id, resume=resume)
     print(summary["text"])
     return 0
 
@@ -231,7 +233,7 @@ def _verify_run(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     rebalances = parse_rebalances(args.rebalance)
     steps = steps_to_verify(args.steps, rebalances)
-    report = verify(cfg, args.attention_gpus, steps, args.precision, rebalances=rebalances)
+    report = verify(cfg, steps, args.precision, rebalances=rebalances)
     print(json.dumps(report))
     return 1 if report["ok"] is False else 0  # None: inexact by design, and the report says why
 
@@ -342,10 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     code = EXIT_USAGE
     try:
@@ -361,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except OSError as exc:  # an unreadable config file and the like
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
     return code
 
 

@@ -17,7 +17,7 @@ from typing import Any, List, Literal, Optional, Tuple
 
 import yaml
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, is_int, is_number
 
 
 class ConfigError(MaRayError, ValueError):
@@ -37,7 +37,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
-    # The seed fixes no vocabulary; GPT-2's BPE size is the usual default for a 4k-hidden model.
+    # The methodology fixes no vocabulary; GPT-2's BPE size is the usual default for a 4k-hidden model.
     vocab_size: int = 50257
 
 
@@ -46,7 +46,7 @@ class MoEConfig:
     num_experts: int = 16
     top_k: int = 2
     capacity_factor: float = 1.0
-    # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The seed's
+    # Fixed per-expert capacity per micro-batch; null derives it from capacity_factor. The methodology's
     # "expert_capacity: 2048" contradicts its capacity_factor 1.0 (which gives 16384 at micro-batch
     # 64 x 2048, top-2, 16 experts); the presets follow the capacity factor (docs/method.md).
     expert_capacity: Optional[int] = None
@@ -82,16 +82,16 @@ class BalanceConfig:
     rebalancing_interval: int = 100
     min_attention_gpus: int = 8
     max_attention_gpus: int = 14
-    # Seed time model, as written: [constant, seq_len, hidden_dim] and
+    # The methodology's time model, as written: [constant, seq_len, hidden_dim] and
     # [constant, expert_dim, active_experts] coefficients, in seconds.
     attn_time_coef: List[float] = field(default_factory=lambda: [0.0012, 0.000034, 0.0000087])
     moe_time_coef: List[float] = field(default_factory=lambda: [0.0008, 0.000045, 0.000012])
     # The layout the coefficients above describe, [num_nodes, gpus_per_node, attention_gpus]:
-    # the seed's 4 x 4 at 12. Another layout's stage times follow from its GPUs' work relative
+    # the methodology's 4 x 4 at 12. Another layout's stage times follow from its GPUs' work relative
     # to this one's (parallel/workload.py), so the planner, the controller's prior and the
     # emulation price every layout alike. null: the configured layout.
     time_coef_layout: Optional[List[int]] = field(default_factory=lambda: [4, 4, 12])
-    # Prior of a migration's pause (not in the seed): seconds any change of split costs (roles
+    # Prior of a migration's pause (not in the methodology): seconds any change of split costs (roles
     # and collective groups rebuilt), and the rate at which the busiest receiving GPU takes in
     # moved parameters and moments. Measured pauses refine it (control/migration_cost.py).
     migration_fixed_s: float = 10.0
@@ -123,7 +123,7 @@ class CommConfig:
     # The attention pool's collectives inside each node, then across nodes (comm.aggregation).
     hierarchical_allreduce: bool = True
     # How gradients cross nodes (the cross-node level of the two-level all-reduce, comm.cross_node):
-    # "none" (exact), "bf16" (a dense bf16 ring, torch's bf16 hook's math), or "topk" (the seed's:
+    # "none" (exact), "bf16" (a dense bf16 ring, torch's bf16 hook's math), or "topk" (the methodology's:
     # the sparsification_ratio largest entries of each block of compression_block_size, in
     # quantization_bits with a scale per block, with error feedback).
     gradient_compression: Literal["none", "bf16", "topk"] = "none"
@@ -131,7 +131,7 @@ class CommConfig:
     # Optimizer steps, from step 0, whose gradients cross nodes dense and exact before topk
     # compresses (1-bit Adam's warm-up stage, DGC's warm-up): 20 % of train.num_train_steps,
     # inside the 15-25 % 1-bit Adam found enough; the local preset measured its own
-    # (bench/RESULTS.md, issue 11).
+    # (bench/RESULTS.md).
     compression_warmup_steps: int = 10000
     # gloo groups behave like NCCL: every op blocking in issue order, sends that
     # complete only at the matching receive, a wait past the timeout reported as a deadlock
@@ -216,7 +216,7 @@ class ControlConfig:
 
 @dataclass
 class MemoryConfig:
-    # The seed's per-GPU memory figures, kept as budgets the plan compares its estimate with.
+    # The methodology's per-GPU memory figures, kept as budgets the plan compares its estimate with.
     attention_gpu_budget_gb: float = 123.7
     moe_gpu_budget_gb: float = 123.7
 
@@ -227,7 +227,7 @@ class EmulationConfig:
     # configured above (``parallel.emulation``), while small stand-in tensors of the stand_in_* shapes
     # run the real model code and travel through the real collectives.
     modelled_compute: bool = False
-    # YAML with attn_time_coef and moe_time_coef (the seed's formula form, seconds); null = the
+    # YAML with attn_time_coef and moe_time_coef (the methodology's formula form, seconds); null = the
     # balance section's coefficients.
     calibration_file: Optional[str] = None
     # Link bandwidths a transfer's wait is computed from, GB/s per direction: NVLink 4 on an
@@ -290,6 +290,18 @@ class Config:
             _set_dotted(data, key, value)
         return from_dict(data)
 
+    def with_split(self, attention_gpus: int, key: str = "attention GPUs") -> "Config":
+        """This config at ``attention_gpus`` attention GPUs: the split a resume's checkpoint or a
+        restart runs at, validated as any config is (errors name ``key``). The time model keeps
+        its reference, the layout configured here (``balance.time_coef_layout``, pinned when null)."""
+        if attention_gpus == self.cluster.attention_gpus:
+            return self
+        data = self.to_dict()
+        if data["balance"]["time_coef_layout"] is None:
+            c = self.cluster
+            data["balance"]["time_coef_layout"] = [c.num_nodes, c.gpus_per_node, c.attention_gpus]
+        return _with_split(_build(Config, data, ""), attention_gpus, key)
+
 
 # --- YAML ------------------------------------------------------------------------------------
 
@@ -318,10 +330,9 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
          attention_gpus: Optional[int] = None, attention_gpus_key: str = "--attention-gpus") -> Config:
     """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
 
-    ``attention_gpus``: a split asked for apart from the config (the command line's
-    ``--attention-gpus``). It replaces ``cluster.attention_gpus`` and is the split validated
-    against the topology, model and policy, errors naming ``attention_gpus_key``; the config's
-    own value is then only type-checked.
+    ``attention_gpus``: the split the command line asks for (``--attention-gpus``), settled here
+    into ``cluster.attention_gpus``: it is the split validated, errors naming
+    ``attention_gpus_key``, and the config's own value is then only type-checked.
     """
     data: dict = {}
     if path is not None:
@@ -342,7 +353,9 @@ def load(path: Optional[str | Path] = None, overrides: Optional[List[str]] = Non
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. moe.top_k=1")
         _set_dotted(data, key.strip(), _parse_yaml(raw, f"override {key.strip()}"))
-    return from_dict(data, attention_gpus, attention_gpus_key)
+    if attention_gpus is None:
+        return from_dict(data)
+    return _with_split(_build(Config, data, ""), attention_gpus, attention_gpus_key)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -368,18 +381,19 @@ RENAMED = {
        for k in ("micro_batches_in_flight", "communication_chunk_size", "max_concurrent_communications")},
 }
 
-def from_dict(data: dict, attention_gpus: Optional[int] = None,
-              attention_gpus_key: str = "--attention-gpus") -> Config:
-    """Build and validate a Config from nested plain data; unknown keys and wrong types fail.
-    ``attention_gpus``: see ``load``."""
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested plain data; unknown keys and wrong types fail."""
     cfg = _build(Config, data, "")
-    if attention_gpus is None:
-        validate(cfg)
-    else:
-        _require(isinstance(attention_gpus, int) and not isinstance(attention_gpus, bool),
-                 f"{attention_gpus_key}: expected an integer, got {_describe(attention_gpus)}")
-        cfg.cluster.attention_gpus = attention_gpus
-        validate(cfg, split_key=attention_gpus_key)
+    validate(cfg)
+    return cfg
+
+
+def _with_split(cfg: Config, attention_gpus: int, key: str) -> Config:
+    """``cfg`` (built, not yet validated) at ``attention_gpus``, validated; errors about the
+    split name ``key``, where it came from."""
+    _require(is_int(attention_gpus), f"{key}: expected an integer, got {_describe(attention_gpus)}")
+    cfg.cluster.attention_gpus = attention_gpus
+    validate(cfg, split_key=key)
     return cfg
 
 
@@ -423,11 +437,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
         return float(value)
     if tp is str:
@@ -466,8 +480,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
         ("model.max_position_embeddings", m.max_position_embeddings),
         ("model.vocab_size", m.vocab_size), ("moe.num_experts", moe.num_experts),
         ("moe.top_k", moe.top_k), ("cluster.num_nodes", c.num_nodes), ("cluster.replicas", c.replicas),
-        ("cluster.gpus_per_node", c.gpus_per_node), ("balance.rebalancing_interval", b.rebalancing_interval),
-        ("balance.min_attention_gpus", b.min_attention_gpus),
+        ("cluster.gpus_per_node", c.gpus_per_node),
         ("schedule.max_concurrent_communications", schedule.max_concurrent_communications),
         ("schedule.communication_chunk_size", schedule.communication_chunk_size),
         ("schedule.micro_batches_in_flight", schedule.micro_batches_in_flight),
@@ -488,7 +501,6 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
     for path, value in [
         ("model.initializer_range", m.initializer_range), ("model.layer_norm_eps", m.layer_norm_eps),
         ("moe.aux_loss_alpha", moe.aux_loss_alpha), ("moe.router_z_loss_coef", moe.router_z_loss_coef),
-        ("balance.imbalance_threshold", b.imbalance_threshold),
         ("comm.compression_overhead", comm.compression_overhead),
         ("train.learning_rate", t.learning_rate), ("train.min_learning_rate", t.min_learning_rate),
         ("train.weight_decay", t.weight_decay), ("train.gradient_clipping", t.gradient_clipping),
@@ -525,14 +537,7 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
                         ("emulation.inter_node_gb_per_s", cfg.emulation.inter_node_gb_per_s),
                         ("emulation.compression_gb_per_s", cfg.emulation.compression_gb_per_s)]:
         _require(value > 0 and math.isfinite(value), f"{path}: must be a positive bandwidth, got {value}")
-    # The policy's hysteresis knobs (tested with the policy, tests/unit/test_control.py).
-    _require(b.min_gain_fraction >= 0 and math.isfinite(b.min_gain_fraction),
-             f"balance.min_gain_fraction: must not be negative, got {b.min_gain_fraction}")
-    _require(b.return_window >= 0, f"balance.return_window: must not be negative, got {b.return_window}")
-    _require(b.return_gain_factor >= 1.0 and math.isfinite(b.return_gain_factor),
-             f"balance.return_gain_factor: must be at least 1, got {b.return_gain_factor}")
-    _require(b.settle_steps is None or b.settle_steps >= 0,
-             f"balance.settle_steps: must be null or not negative, got {b.settle_steps}")
+    check_policy(dataclasses.asdict(b), "balance.")
     _require(len(b.attn_time_coef) == 3, f"balance.attn_time_coef: needs 3 coefficients, got {len(b.attn_time_coef)}")
     _require(len(b.moe_time_coef) == 3, f"balance.moe_time_coef: needs 3 coefficients, got {len(b.moe_time_coef)}")
 
@@ -547,9 +552,6 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
     _require(moe.expert_capacity is None or moe.expert_capacity >= 1,
              f"moe.expert_capacity: must be null or at least 1, got {moe.expert_capacity}")
 
-    _require(b.min_attention_gpus <= b.max_attention_gpus,
-             f"balance.min_attention_gpus: {b.min_attention_gpus} is greater than "
-             f"balance.max_attention_gpus ({b.max_attention_gpus})")
     check_split(cfg, c.attention_gpus, key=split_key)
     if b.time_coef_layout is not None:
         _require(len(b.time_coef_layout) == 3 and all(v >= 1 for v in b.time_coef_layout),
@@ -599,6 +601,33 @@ def validate(cfg: Config, split_key: str = "cluster.attention_gpus") -> None:
              f"data.max_text_bytes: must be null or at least 1, got {cfg.data.max_text_bytes}")
     _require(cfg.data.kind != "bin" or cfg.data.path is not None,
              "data.path: required when data.kind is bin")
+
+
+def check_policy(values: dict, prefix: str) -> None:
+    """The balancing policy's rules, on the ``balance`` keys among ``values``: the config's
+    section, or a running policy's parameters (``control.policy.PolicyParams``, which a client
+    may change). Errors name ``prefix`` + the key."""
+    hints = typing.get_type_hints(BalanceConfig)
+    for key in ("enabled", "imbalance_threshold", "rebalancing_interval", "min_attention_gpus", "max_attention_gpus",
+                "min_gain_fraction", "return_window", "return_gain_factor", "settle_steps"):
+        _coerce(hints[key], values[key], prefix + key)
+    v = values
+
+    def at_least(key: str, low: float, rule: str) -> None:
+        value = v[key]
+        _require(value >= low and math.isfinite(value), f"{prefix}{key}: {rule}, got {value}")
+
+    at_least("rebalancing_interval", 1, "must be at least 1")
+    at_least("min_attention_gpus", 1, "must be at least 1")
+    at_least("imbalance_threshold", 0, "must not be negative")
+    at_least("min_gain_fraction", 0, "must not be negative")
+    at_least("return_window", 0, "must not be negative")
+    at_least("return_gain_factor", 1.0, "must be at least 1")
+    _require(v["settle_steps"] is None or v["settle_steps"] >= 0,
+             f"{prefix}settle_steps: must be null or not negative, got {v['settle_steps']}")
+    _require(v["min_attention_gpus"] <= v["max_attention_gpus"],
+             f"{prefix}min_attention_gpus: {v['min_attention_gpus']} is greater than "
+             f"{prefix}max_attention_gpus ({v['max_attention_gpus']})")
 
 
 def check_split(cfg: Config, attention_gpus: int, key: str = "attention GPUs", within_policy: bool = True,

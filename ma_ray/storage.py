@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, message_line
 
 LOW_SPACE_BYTES = 1 << 20  # below it, a failed write is put down to a full disk
 PROBE_BYTES = 4 << 20  # what the write-speed probe writes: past a disk's small-write latency, quick everywhere
@@ -26,9 +26,7 @@ class StorageError(MaRayError, RuntimeError):
 def storage_error(path, exc: Exception) -> StorageError:
     """``exc``, raised writing ``path``, as one line. torch reports a full disk only as its
     writer's failure (``unexpected pos ...``), so the free space is looked at too."""
-    text = str(exc).strip()
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-        text.splitlines()[0] if text else type(exc).__name__)
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else message_line(exc)
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

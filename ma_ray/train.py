@@ -36,13 +36,12 @@ from ma_ray.control.client import controller_name, incarnation_name
 from ma_ray.control.faults import Failure
 from ma_ray.control.metrics_log import MetricsLog
 from ma_ray.data import build_dataset
-from ma_ray.errors import JobFailed, MaRayError
+from ma_ray.errors import JobFailed, MaRayError, first_line, one_line
 from ma_ray.parallel.emulation import compute_setup
-from ma_ray.parallel.placement import make_plan
 from ma_ray.run_folder import RunLock, write_job
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.cluster import connect, metrics_address, published_errors_to, release_gpus
-from ma_ray.runtime.worker_group import first_line
+from ma_ray.runtime.cluster import init_ray, metrics_address, published_errors_to, release_gpus
+from ma_ray.runtime.worker_group import worker_error
 from ma_ray.storage import storage_error
 
 POLL_S = 0.5
@@ -59,28 +58,27 @@ def steps_done(checkpoints: Path, resume_step: Optional[int] = None) -> int:
     return checkpoint.read_meta(checkpoint.latest(checkpoints))["step"] + 1
 
 
+def resume_point(checkpoints: Path, resume_step: Optional[int] = None) -> Path:
+    """The checkpoint a resume continues from: the one of ``resume_step``, else the newest intact
+    one (a damaged one is named in one line and passed over)."""
+    if resume_step is not None:
+        return checkpoint.at_step(checkpoints, resume_step)
+    return checkpoint.newest_intact(checkpoints, warn=lambda note: print(note, file=sys.stderr, flush=True))
+
+
 def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_threads: Optional[int] = None,
-          resume: Optional[Path] = None, attention_gpus: Optional[int] = None,
-          resume_step: Optional[int] = None) -> dict:
+          resume: Optional[Path] = None) -> dict:
     """Train job ``job_id`` up to step ``train.num_train_steps`` in the run folder ``out`` (new
-    or empty, or the folder ``resume`` is the checkpoints of: its newest intact checkpoint, or
-    the one of ``resume_step``); returns the summary (``text``: the lines for a person, the rest
-    as in ``summary.json``)."""
+    or empty; resuming, the run folder of checkpoint ``resume``, chosen by ``resume_point``) at
+    ``cfg``'s split (a resume's settled by the caller: the checkpoint's unless another was asked
+    for); returns the summary (``text``: the lines for a person, the rest as in ``summary.json``)."""
     # A bad calibration file fails here, before anything starts. The tokens are those of the
     # tensors the workers compute with (the stand-in's under modelled compute).
     compute_cfg, durations = compute_setup(cfg)
     if cfg.emulation.modelled_compute:
         print("modelled compute, time model: " + json.dumps(durations.describe()), flush=True)
     dataset = build_dataset(compute_cfg)
-    start = 0
-    if resume is not None:
-        # A damaged checkpoint is named in one line and passed over for the newest whole one.
-        resume = (checkpoint.at_step(resume, resume_step) if resume_step is not None
-                  else checkpoint.newest_intact(resume, warn=lambda note: print(note, file=sys.stderr, flush=True)))
-        meta = checkpoint.read_meta(resume)
-        start = meta["step"] + 1
-        attention_gpus = meta["attention_gpus"] if attention_gpus is None else attention_gpus
-    make_plan(cfg, attention_gpus)  # the split is checked before anything is written
+    start = 0 if resume is None else checkpoint.read_meta(resume)["step"] + 1
     steps = cfg.train.num_train_steps
     if torch_threads is None and cfg.cluster.fake_gpus:
         torch_threads = 1  # the emulated GPUs share the machine's cores
@@ -90,8 +88,8 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
         try:
             # Workers' own output (Ray's and torch's warnings when a peer dies: C++ stacks) stays
             # in Ray's logs; the terminal gets the progress and one line per failure.
-            connect(cfg.cluster, namespace=cfg.control.namespace, connect_timeout_s=cfg.control.connect_timeout_s,
-                    log_to_driver=False)
+            init_ray(cfg.cluster, namespace=cfg.control.namespace, connect_timeout_s=cfg.control.connect_timeout_s,
+                     log_to_driver=False)
         except BaseException:
             if created:  # a run that never started leaves no folder behind
                 lock.release()
@@ -100,7 +98,7 @@ def train(cfg: Config, out: Path, job_id: str, progress: bool = True, torch_thre
         t0 = time.time()
         try:
             with published_errors_to(out / LOG):
-                final = _run(cfg, dataset, out, job_id, steps, start, resume, attention_gpus, torch_threads, progress)
+                final = _run(cfg, dataset, out, job_id, steps, start, resume, torch_threads, progress)
         except Exception as exc:
             # The terminal gets one line; the whole story goes to the run folder.
             raise JobFailed(f"{_cause_line(exc)} (details: {_log_failure(out / LOG, job_id, exc)})") from None
@@ -134,7 +132,7 @@ def _log_failure(log: Path, job_id: str, exc: BaseException) -> str:
 
 
 def launch(cfg: Config, dataset, out: Path, job_id: str, resume: Optional[Path] = None,
-           attention_gpus: Optional[int] = None, torch_threads: Optional[int] = None, **restart):
+           torch_threads: Optional[int] = None, **restart):
     """Start job ``job_id``'s controller on the connected cluster, on this process's node, with
     its config and ``job.json`` in ``out``; returns the controller's handle (its set-up goes on
     in the background). ``restart``: the ``Controller`` arguments of a replacement."""
@@ -157,7 +155,7 @@ def launch(cfg: Config, dataset, out: Path, job_id: str, resume: Optional[Path] 
     try:
         return Controller.options(name=name, namespace=namespace, scheduling_strategy=here).remote(
             cfg, dataset, str(out), cfg.train.num_train_steps, None if resume is None else str(resume),
-            attention_gpus, torch_threads, job_id=job_id, **restart)
+            torch_threads, job_id=job_id, **restart)
     except ray.exceptions.ActorAlreadyExistsError:
         raise MaRayError(f"a job named {name!r} is already running in namespace {namespace!r}") from None
 
@@ -169,11 +167,11 @@ def _cause_line(exc: BaseException) -> str:
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
         exc = exc.cause
     if isinstance(exc, MaRayError):
-        return " ".join(str(exc).split())
+        return one_line(exc)
     if isinstance(exc, ray.exceptions.RayActorError) and exc.actor_init_failed:
         lines = [line.strip() for line in exc.error_msg.splitlines() if line.strip()]
         return f"the controller could not start: {lines[-1] if lines else type(exc).__name__}"
-    return first_line(exc)
+    return first_line(worker_error(exc))
 
 
 class ControllerStalled(Exception):
@@ -188,8 +186,7 @@ def _answer(ref, timeout_s: float, what: str):
         raise ControllerStalled(f"no answer to {what} within {timeout_s:g} s (a stall)") from None
 
 
-def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, attention_gpus, torch_threads,
-         progress: bool):
+def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, torch_threads, progress: bool):
     """Start the controller and follow it to the end; a controller that dies or stops answering
     is replaced by one that continues from the latest checkpoint, within ``train.max_failures``.
     Returns the controller's final status."""
@@ -205,8 +202,9 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
         while True:
             if recovering is not None:
                 _wait_name_free(name, namespace)
-            controller = launch(cfg, dataset, out, job_id, resume, attention_gpus, torch_threads,
-                                recovering=recovering, earlier_failures=log.failures()[before:], incarnation=deaths)
+            controller = launch(cfg, dataset, out, job_id, resume, torch_threads,
+                                recovering=recovering, earlier_failures=log.failures()[before:],
+                                workers_name=incarnation_name(name, deaths))
             ready = controller.ping.remote()
             run = controller.run.remote()
             try:
@@ -230,7 +228,7 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
                 release_gpus(incarnation_name(name, deaths))  # its workers died with it; its GPUs did not
                 # A new controller continues from the latest checkpoint, as after a worker's failure.
                 done = log.rows()
-                why = str(exc) if isinstance(exc, ControllerStalled) else first_line(exc)
+                why = str(exc) if isinstance(exc, ControllerStalled) else first_line(worker_error(exc))
                 failure = Failure(max((r["step"] for r in done if "step" in r), default=start - 1) + 1,
                                   "controller", {"controller": why}, time.time())
                 used = len(log.failures()) - before + 1
@@ -240,8 +238,8 @@ def _run(cfg, dataset, out: Path, job_id: str, steps: int, start: int, resume, a
                                     f"train.max_failures={cfg.train.max_failures})") from None
                 (bar.write if bar is not None else print)(failure.line() + "; starting a new controller")
                 newest = checkpoint.latest_intact(out / "checkpoints", warn=bar.write if bar is not None else print)
-                if newest is not None:
-                    resume, attention_gpus = newest, None
+                if newest is not None:  # the new controller goes on at the checkpoint's split
+                    resume, cfg = newest, cfg.with_split(checkpoint.read_meta(newest)["attention_gpus"])
                 # The new one records the failure, and its history starts after its checkpoint.
                 resumed = checkpoint.read_meta(newest)["step"] if newest is not None else start - 1
                 recovering, seen.failures = failure.to_dict(), used - 1

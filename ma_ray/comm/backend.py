@@ -26,6 +26,7 @@ import torch
 
 from ma_ray.comm.torch_backend import GLOO, NCCL
 from ma_ray.config import ConfigError
+from ma_ray.errors import message_line
 
 RAY_NCCL = "ray_nccl"
 SETTINGS = ("auto", NCCL, GLOO, RAY_NCCL)
@@ -91,18 +92,18 @@ def ray_nccl_problem() -> Optional[str]:
     try:
         import cupy
     except ImportError as exc:
-        return f"cupy cannot be imported ({_first_line(exc)})"
+        return f"cupy cannot be imported ({message_line(exc)})"
     try:
         cupy_cuda = cupy.cuda.runtime.runtimeGetVersion() // 1000
     except Exception as exc:  # noqa: BLE001 - any failure to reach CUDA from cupy
-        return f"cupy cannot reach the CUDA runtime ({_first_line(exc)})"
+        return f"cupy cannot reach the CUDA runtime ({message_line(exc)})"
     torch_cuda = (torch.version.cuda or "").split(".")[0]
     if torch_cuda and str(cupy_cuda) != torch_cuda:
         return f"cupy is built for CUDA {cupy_cuda} and torch for CUDA {torch_cuda}"
     try:
         from ray.util.collective.collective_group.nccl_collective_group import NCCLGroup
     except ImportError as exc:
-        return f"Ray's NCCL group cannot load ({_first_line(exc)})"
+        return f"Ray's NCCL group cannot load ({message_line(exc)})"
     missing = [name for name in RAY_NCCL_INTERNALS if not hasattr(NCCLGroup, name)]
     if missing:
         import ray
@@ -123,8 +124,3 @@ def backend_for_device(setting: str, device: Union[torch.device, str]) -> str:
     device_type = torch.device(device).type
     support = nccl_support() if device_type == "cuda" and setting != GLOO else NcclSupport()
     return choose_backend(setting, device_type, support)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

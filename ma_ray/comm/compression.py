@@ -1,89 +1,50 @@
-"""Gradient compression for the cross-node level of the hierarchical all-reduce.
+"""Gradient compression for the cross-node level of the hierarchical all-reduce: the kernels (a
+piece to one flat uint8 message and back), the error-feedback residual, a dense bf16 wire format
+and the bytes of each scheme. No communication: the caller all-gathers the messages. Torch only,
+CPU or CUDA, with no host synchronisation (no ``.item()``, ``nonzero`` or data-dependent
+branch), so a GPU stream never stalls.
 
-What this module owns: the kernels (compress a piece into one flat uint8 message, decode it,
-add it into a dense buffer), the error-feedback residual of one piece, a dense bf16 wire format,
-and the byte accounting of each scheme. It owns no communication: the caller all-gathers the
-messages among the N members (one GPU per node holding the same piece) and decodes them here.
-Torch only, device-agnostic (CPU and CUDA), no host synchronisation (no ``.item()``,
-``.tolist()``, ``nonzero`` or data-dependent Python branches), so a GPU stream never stalls.
+Scheme: top-k per block, then per-block quantisation. A global top-k of ~100 M entries is a
+sort, slow on a GPU; ``topk(k, dim=1)`` over a ``[blocks, B]`` view is one batched kernel
+(``B = min(block_size, numel)``, ``k = ceil(ratio * B)``). The last block's padding has
+magnitude -1, so it is picked only when that block has fewer than ``k`` real entries, and it
+decodes to a zero added at ``numel - 1``. Kept values are quantised with one symmetric fp32
+scale per block, ``absmax / (2^(bits-1) - 1)``, rounded to nearest and stored as int8;
+``bits == 1`` is the scaled sign of 1-bit Adam / signSGD (scale ``mean|v|``, which minimises a
+sign code's squared error). A value takes one byte whatever ``bits``.
 
-Scheme (top-k per block, then per-block quantisation)
------------------------------------------------------
-The flat piece of ``numel`` entries is cut into blocks of ``B = min(block_size, numel)`` entries
-(the last one padded). A global top-k of ~100 M entries is a sort, slow on a GPU; ``topk(k,
-dim=1)`` over a ``[blocks, B]`` view is one batched kernel, with ``k = ceil(ratio * B)``.
-Padded positions get magnitude -1, below every real ``|x| >= 0``, so they are picked only when
-the last block has fewer than ``k`` real entries; their value is 0 and they decode to a zero
-added at ``numel - 1`` (never past ``numel``; adding a zero changes no value, at most the
-sign of a zero).
-The kept values of a block are quantised to ``bits`` with one symmetric fp32 scale:
-``scale = absmax(kept) / (2^(bits-1) - 1)``, ``q = round(v / scale)`` (round to nearest, so
-``|v - q * scale| <= scale / 2``), stored as int8. ``bits == 1`` has no level besides 0 in that
-formula, so it is the scaled sign of 1-bit Adam / signSGD: ``q = sign(v)``, ``scale = mean|v|``
-(the scale that minimises the squared error of a sign code). ``bits`` narrows the grid; the
-storage stays one byte per value (no sub-byte packing), so the message size does not depend
-on it.
+Message (uint8, native byte order, ``message_bytes = roundup4(nb * (4 + 3k))``, the same on
+every member, as an all-gather requires)::
 
-Message layout (one contiguous uint8 tensor, native byte order, size ``message_bytes``)
------------------------------------------------------------------------------------------
-    [0, 4*nb)                   scales   float32[nb]       one per block
-    [4*nb, 4*nb + 2*nb*k)       offsets  int16[nb, k]      block-local offset - 32768
-    [.., .. + nb*k)             values   int8[nb, k]       quantised kept values
-    [.., message_bytes)         0..3 zero bytes, so the size is a multiple of 4
-with ``nb = ceil(numel / B)``. Scales first and the size a multiple of 4 keep every section
-aligned for ``.view(dtype)`` even when the messages lie back to back in one all-gather buffer
-``[N, message_bytes]``. Offsets are < B <= 65536, i.e. uint16 values; storing
-``offset - 32768`` in int16 is an exact in-range cast (no wrap-around, no endianness trick).
-The size is a pure function of ``numel`` and the settings, equal on all members, as an
-all-gather requires: ``message_bytes = roundup4(nb * (4 + 3k))``.
+    [0, 4*nb)               scales   float32[nb]
+    [4*nb, 4*nb + 2*nb*k)   offsets  int16[nb, k]   block-local offset - 32768
+    [.., .. + nb*k)         values   int8[nb, k]
+    then 0..3 zero bytes
 
-Determinism: decoding is a function of the message only. Within one message the indices are
-distinct (top-k indices are distinct, blocks are disjoint) except the padded slots, which add
-zero, so even an atomic ``scatter_add_`` gives the same bits (and a 1-D ``scatter_add_`` is one
-that ``torch.use_deterministic_algorithms(True)`` accepts on CUDA). Messages are added one after the
-other in member order (never one scatter over all N: colliding atomics would add in any
-order), so every member that decodes the same N messages gets a bit-identical sum.
+Scales first and a size a multiple of 4 keep every section aligned for ``.view(dtype)`` when
+messages lie back to back in one all-gather buffer; ``offset - 32768`` is an exact int16 cast of
+a uint16 (B <= 65536).
 
-Error feedback (Deep Gradient Compression, 1-bit Adam)
-------------------------------------------------------
-``ErrorFeedback`` keeps what a member did not send: ``y = piece + residual``, ``message =
-compress(y)``, ``residual = y - decode(message)``. Summed over T steps the decoded messages are
-exactly ``sum(pieces) - residual_T`` (the residuals telescope), so nothing is lost, only
-delayed, as long as the residual stays bounded. Per block, top-k keeps the k largest of B
-entries, so ``||y - topk(y)|| <= sqrt(1 - k/B) ||y||``, and quantisation adds at most
-``sqrt(k) * absmax / (2L) <= sqrt(k) / (2L) ||y||`` (``L = 2^(bits-1) - 1``); with
-``a = sqrt(1 - k/B) + sqrt(k) / (2L) < 1`` the residual of a block obeys
-``||r|| <= a (||g|| + ||r_prev||)``, hence ``||r|| <= a / (1 - a) * max ||g||`` for ever
-(bits >= 2; tests/unit/test_compression.py checks it). The residual is training state:
-checkpoint it with ``state()`` and restore it with ``load_state()``. A non-finite entry makes
-its block's scale non-finite: the decoded sum carries it (an overflow check on the sum still
-sees it) and so does the residual, so after a skipped step restore or ``reset()`` it.
+Determinism: a message's decoded indices are distinct (the padding adds zero), and messages are
+added one after the other in member order, never in one scatter whose colliding atomics would
+add in any order, so every member's sum is bit-identical.
 
-Bytes a member sends per step (N members, ``numel`` entries, ``e`` bytes per entry)
---------------------------------------------------------------------------------------
-- dense ring all-reduce: ``2 (N-1)/N * numel * e`` (reduce-scatter + all-gather, e = 4 fp32);
-- bf16 ring all-reduce: the same with ``e = 2``;
-- sparse: a ring all-gather of N messages sends ``(N-1)/N`` of ``N`` messages, i.e.
-  ``(N-1) * message_bytes``, and receives as much. The cost grows with N (every member gets
-  every message, no reduction on the way), the dense ring's does not.
-At ratio 0.1, 8 bits, B = 2048 a message is ``(4 + 3 * 205) / 2048 = 0.302`` bytes per entry.
-At N = 4: sparse 3 * 0.302 = 0.91 bytes per entry against 2 * 3/4 * 2 = 3 for a bf16 ring (and
-6 for fp32). Sparse beats bf16 while ``(N-1) * m < 4 (N-1)/N``, i.e. ``N < 4/m = 13.2``
-members, and fp32 while ``N < 8/m = 26.5``. With 32-bit indices and fp32 values (8 bytes per
-kept entry, m = 0.8) it ties bf16 at N = 5, loses beyond, and at N = 12 loses even to fp32
-(11 * 0.8 = 8.8 > 7.3): hence
-the 16-bit offsets and 8-bit values, and compression only across nodes, where N is the number
-of nodes, never inside a node (there N counts GPUs and the links are fast).
-``step_bytes`` counts all three levels of the hierarchical all-reduce for each scheme.
+Error feedback (Deep Gradient Compression, 1-bit Adam): ``y = piece + residual``, ``message =
+compress(y)``, ``residual = y - decode(message)``. The residuals telescope, so nothing is lost,
+only delayed, while the residual stays bounded: with ``a = sqrt(1 - k/B) + sqrt(k) / (2L) < 1``
+(``L = 2^(bits-1) - 1``) a block's ``||r|| <= a / (1 - a) * max ||g||`` (bits >= 2,
+tests/unit/test_compression.py). The residual is training state (``state`` / ``load_state``); a
+non-finite entry reaches it, so after a skipped step restore or ``reset`` it.
 
-Memory: ``compress`` allocates one dense temporary, ``|x|`` padded to whole blocks (x's
-dtype), plus O(blocks * k) for the kept entries; decoding allocates O(blocks * k). An
-``ErrorFeedback`` holds its residual (``numel`` entries, fp32 by default) and computes
-``piece + residual`` in place in it.
+Why 16-bit offsets, 8-bit values and compression only across nodes: a sparse all-gather sends
+``(N-1) * message_bytes`` per member, growing with N, against a ring all-reduce's
+``2 (N-1)/N * numel * e``. At ratio 0.1, 8 bits, B = 2048 a message is 0.302 bytes per entry:
+sparse beats a bf16 ring while N < 13.2 and fp32 while N < 26.5; with 32-bit indices and fp32
+values it would tie bf16 at N = 5. Across nodes N counts nodes; inside a node it counts GPUs and
+the links are fast. ``step_bytes`` counts the three levels of the hierarchical all-reduce.
 
-Settings (``CompressionSettings``) come from ``comm.sparsification_ratio`` and
-``comm.quantization_bits`` plus a block size; ``comm.compression_overhead`` is a time budget the
-caller checks (bench/compression_kernels.py measures these kernels).
+Memory: ``compress`` allocates one dense temporary (``|x|`` padded to whole blocks) plus
+O(blocks * k); an ``ErrorFeedback`` holds its residual and adds each piece into it in place.
 """
 
 from __future__ import annotations
@@ -95,6 +56,9 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
+from ma_ray.config import CommConfig
+from ma_ray.errors import is_int
+
 MAX_BLOCK_SIZE = 65536  # block-local offsets are stored in 16 bits
 _OFFSET_BIAS = 32768    # uint16 offset - 32768 is an in-range int16
 SCHEMES = ("dense", "bf16", "sparse")
@@ -102,20 +66,16 @@ SCHEMES = ("dense", "bf16", "sparse")
 
 @dataclass(frozen=True)
 class CompressionSettings:
-    """The compressor's settings; bad values raise ValueError naming the setting."""
+    """The compressor's settings: the ``comm`` keys of the same meaning, their defaults and their
+    rules the config's (``config.validate``)."""
 
-    sparsification_ratio: float = 0.1  # fraction of each block's entries kept, in (0, 1]
-    quantization_bits: int = 8         # bits of each kept value, 1..8
-    block_size: int = 2048             # entries per block, 1..65536
+    sparsification_ratio: float = CommConfig.sparsification_ratio  # fraction of a block's entries kept
+    quantization_bits: int = CommConfig.quantization_bits          # bits of each kept value
+    block_size: int = CommConfig.compression_block_size            # entries per block
 
-    def __post_init__(self):
-        r, b, s = self.sparsification_ratio, self.quantization_bits, self.block_size
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
-            raise ValueError(f"sparsification_ratio: must be in (0, 1], got {r!r}")
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
-            raise ValueError(f"quantization_bits: must be an integer in 1..8, got {b!r}")
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_BLOCK_SIZE:
-            raise ValueError(f"block_size: must be an integer in 1..{MAX_BLOCK_SIZE}, got {s!r}")
+    @classmethod
+    def of(cls, comm: CommConfig) -> "CompressionSettings":
+        return cls(comm.sparsification_ratio, comm.quantization_bits, comm.compression_block_size)
 
 
 @dataclass(frozen=True)
@@ -136,7 +96,7 @@ class _Layout:
 
 @functools.lru_cache(maxsize=256)
 def _layout(numel: int, settings: CompressionSettings) -> _Layout:
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+    if not is_int(numel) or numel < 0:
         raise ValueError(f"numel: must be a non-negative integer, got {numel!r}")
     if numel == 0:
         return _Layout(0, 0, 0, 0, 0, 0, 0, 0)
@@ -162,9 +122,8 @@ def message_bytes(numel: int, settings: CompressionSettings) -> int:
 
 def compress(x: torch.Tensor, settings: CompressionSettings,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The uint8 message of `x` (any shape, floating; read flat). `out`: a contiguous uint8
-    tensor of `message_bytes(x.numel(), settings)` bytes to write into (e.g. this member's slot
-    of the all-gather buffer); a new one otherwise."""
+    """The uint8 message of `x` (read flat), into `out` when given (e.g. this member's slot of
+    the all-gather buffer)."""
     lay = _layout(x.numel(), settings)
     msg = _message_buffer(out, lay, x.device)
     if lay.numel == 0:
@@ -245,8 +204,7 @@ def decode(message: torch.Tensor, numel: int, settings: CompressionSettings):
 
 def decompress_add_(out: torch.Tensor, message: torch.Tensor, numel: int,
                     settings: CompressionSettings) -> torch.Tensor:
-    """out += decode(message), in place; `out`: contiguous, `numel` entries, any float dtype
-    (values are cast to it before the add). Returns `out`."""
+    """out += decode(message), in place, in `out`'s dtype."""
     if out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous tensor of {numel} entries, got shape "
                          f"{tuple(out.shape)}")
@@ -257,19 +215,15 @@ def decompress_add_(out: torch.Tensor, message: torch.Tensor, numel: int,
 
 def decompress_all_add_(out: torch.Tensor, messages: Union[torch.Tensor, Sequence[torch.Tensor]],
                         numel: int, settings: CompressionSettings) -> torch.Tensor:
-    """out += the decoded messages, one after the other in member order (rows of an
-    all-gather buffer [N, message_bytes], or a sequence). The order is what makes every
-    member's sum bit-identical."""
+    """out += the decoded messages, one after the other in member order (the order makes every
+    member's sum bit-identical)."""
     for message in messages:
         decompress_add_(out, message, numel, settings)
     return out
 
 
 class ErrorFeedback:
-    """The residual of one piece: what this member has not sent yet, added to its next piece.
-
-    ``residual`` (fp32 by default, on the piece's device) is training state; ``state()`` /
-    ``load_state()`` checkpoint and restore it."""
+    """The residual of one piece: what this member has not sent yet, added to its next piece."""
 
     def __init__(self, numel: int, settings: CompressionSettings, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -290,11 +244,9 @@ class ErrorFeedback:
         return message
 
     def state(self) -> torch.Tensor:
-        """A copy of the residual, for a checkpoint."""
         return self.residual.clone()
 
     def load_state(self, residual: torch.Tensor) -> None:
-        """Restore a residual from `state()` (any device; copied into this one's)."""
         if residual.numel() != self.numel:
             raise ValueError(f"residual: expected {self.numel} entries, got {residual.numel()}")
         self.residual.copy_(residual.reshape(-1))
@@ -344,9 +296,7 @@ def sparse_allgather_bytes(numel: int, members: int, settings: CompressionSettin
 def cross_node_bytes(piece_numel: int, nodes: int, scheme: str,
                      grad_dtype: torch.dtype = torch.float32,
                      settings: Optional[CompressionSettings] = None) -> int:
-    """Bytes one member sends on the cross-node level for one piece, by scheme
-    ('dense': ring all-reduce in grad_dtype, 'bf16': ring all-reduce in bf16, 'sparse':
-    all-gather of messages)."""
+    """Bytes one member sends on the cross-node level for one piece, by scheme."""
     if scheme == "dense":
         return ring_allreduce_bytes(piece_numel, nodes, grad_dtype.itemsize)
     if scheme == "bf16":

@@ -6,7 +6,7 @@ by ``cross_node_reducer`` (``comm.gradient_compression``):
 * ``Bf16CrossNode`` ("bf16"): a ring all-reduce of a bf16 copy, the math of torch's
   ``bf16_compress_hook`` (``comm.compression.to_bf16_wire``); half the bytes, bf16's rounding,
   no state.
-* ``TopKCrossNode`` ("topk", the seed's): each member compresses its piece plus its residual
+* ``TopKCrossNode`` ("topk", the methodology's): each member compresses its piece plus its residual
   (``comm.compression``: the ``sparsification_ratio`` largest entries of each block, values in
   ``quantization_bits``), each tensor's run of the piece on its own, the members all-gather the
   messages and each decodes all of them in member order, so every member holds the same sum. A sparse reduction is an all-gather, whose
@@ -14,7 +14,7 @@ by ``cross_node_reducer`` (``comm.gradient_compression``):
   and would not inside one. The first ``comm.compression_warmup_steps`` optimizer steps cross
   dense and exact, as 1-bit Adam's warm-up stage and Deep Gradient Compression's warm-up do:
   compressed from the first step, the local preset's run opens a gap to the exact run in its
-  first ~50 steps that does not close (3.4 % of the loss at step 200; bench/RESULTS.md, issue 11).
+  first ~50 steps that does not close (3.4 % of the loss at step 200; bench/RESULTS.md).
 
 Every reducer learns the optimizer step before the step's reductions (``begin_step``);
 ``compresses`` and ``wire_factor`` describe the step under way.
@@ -40,6 +40,7 @@ import torch
 from ma_ray.comm import groups
 from ma_ray.comm.compression import (CompressionSettings, ErrorFeedback, decompress_add_, from_bf16_wire,
                                      message_bytes, to_bf16_wire)
+from ma_ray.errors import is_int
 
 
 class DenseCrossNode:
@@ -83,7 +84,7 @@ class TopKCrossNode(DenseCrossNode):
                  warmup_steps: int = 0):
         """``timed()``: the context the compression kernels are timed in. ``warmup_steps``
         (``comm.compression_warmup_steps``): the optimizer steps, from step 0, that cross dense."""
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be a non-negative integer, got {warmup_steps!r}")
         self.settings = settings
         self.timed = timed

@@ -1,6 +1,6 @@
 """Balancing control. The pure decision half (no Ray): ``workload`` (per-GPU work features of a
 split), ``regression`` (Bayesian linear regression with per-split memory), ``predictor``
-(stage times at any split, learnt online from the seed's prior), ``migration_cost`` (seconds a
+(stage times at any split, learnt online from the methodology's prior), ``migration_cost`` (seconds a
 change of split costs) and ``policy`` (when to move GPUs between the pools, and where)."""
 
 from ma_ray.control.migration_cost import MigrationCostModel

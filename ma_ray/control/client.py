@@ -43,8 +43,9 @@ def controller_name(prefix: str, job_id: str) -> str:
 
 
 def incarnation_name(controller: str, incarnation: int) -> str:
-    """The name of the workers' job (their groups, their placement group) under the
-    ``incarnation``-th controller of a run (0: the first; later ones after a controller died)."""
+    """The workers' name (their placement group, their collective groups' prefix) under the
+    ``incarnation``-th controller of a job (0: the first; one more each time one died): two jobs
+    share none, nor two incarnations of one."""
     return controller if not incarnation else f"{controller}-r{incarnation}"
 
 

@@ -22,7 +22,7 @@ import ray
 from ray.util import metrics as ray_metrics
 
 from ma_ray.config import Config, check_split
-from ma_ray.control.client import controller_name, incarnation_name
+from ma_ray.control.client import controller_name
 from ma_ray.control.elastic import shrunk
 from ma_ray.control.faults import (Failure, NonFiniteStep, move_deadline_s, save_deadline_s, skipped_in_a_row,
                                    step_deadline_s)
@@ -35,7 +35,7 @@ from ma_ray.run_folder import new_job_id
 from ma_ray.runtime import checkpoint
 from ma_ray.runtime.checkpoint import latest_intact
 from ma_ray.runtime.cluster import ClusterError
-from ma_ray.runtime.job import CLOSE_TIMEOUT_S, TrainingJob
+from ma_ray.runtime.worker_set import CLOSE_TIMEOUT_S, WorkerSet
 from ma_ray.runtime.step_metrics import StepMetrics
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.storage import StorageError, write_speed
@@ -93,16 +93,17 @@ class _Gauges:
 @ray.remote(max_concurrency=8, num_cpus=0)
 class Controller:
     def __init__(self, cfg: Config, dataset, out: str, steps: int, resume: Optional[str] = None,
-                 attention_gpus: Optional[int] = None, torch_threads: Optional[int] = None,
-                 job_id: Optional[str] = None, recovering: Optional[dict] = None,
-                 earlier_failures: Sequence[dict] = (), incarnation: int = 0):
-        """``resume``: the checkpoint folder to continue from, verified (``checkpoint.verify``) by
-        the caller; ``job_id``: the run's (``run_folder.new_job_id``), in this actor's name and its
-        gauges' tags; ``recovering``: the failure of the controller this one replaces
+                 torch_threads: Optional[int] = None, job_id: Optional[str] = None,
+                 recovering: Optional[dict] = None, earlier_failures: Sequence[dict] = (),
+                 workers_name: Optional[str] = None):
+        """``cfg``: the run's config, at the split its workers start at (a resume's: settled by the
+        caller). ``resume``: the checkpoint folder to continue from, verified
+        (``checkpoint.verify``) by the caller; ``job_id``: the run's (``run_folder.new_job_id``),
+        in this actor's name and its gauges' tags; ``recovering``: the failure of the controller this one replaces
         (``Failure.to_dict``), recorded as recovered from once this one's workers are ready;
         ``earlier_failures``: those of the run before it, which count against
-        ``train.max_failures``; ``incarnation``: how many controllers of the run died before
-        this one (its workers' groups get names none of theirs had)."""
+        ``train.max_failures``; ``workers_name``: the name of this incarnation's workers (default:
+        this actor's; docs/architecture.md#lifetimes-and-their-names)."""
         self.cfg = self.full_cfg = cfg  # cfg: the topology run now (smaller after an elastic restart)
         self.job_id = job_id or new_job_id()
         self.name = controller_name(cfg.control.name, self.job_id)
@@ -127,7 +128,7 @@ class Controller:
         self.write_speeds = [write_speed(self.checkpoints)]
         folder = None if resume is None else Path(resume)  # a verified checkpoint (the driver chose it)
         if folder is not None:
-            attention_gpus = self._restore(folder, attention_gpus)
+            self._restore(folder)
         self.start_step = 0 if folder is None else checkpoint.read_meta(folder)["step"] + 1
         self.metrics_log = MetricsLog(self.out / "metrics.jsonl")
         redone = sum(1 for r in self.metrics_log.rows() if "event" not in r and r.get("step", -1) >= self.start_step)
@@ -135,18 +136,16 @@ class Controller:
         self.failures = [Failure(**row) for row in earlier_failures]
         self.end_step = steps  # the run's total: a resumed run continues up to the same step
         self.next_boundary = self.start_step  # the step before which the run thread next reads requests
-        # The job's collective groups are named after it too: two jobs on one cluster share none,
-        # nor two incarnations of one.
-        self.job_name = incarnation_name(self.name, incarnation)
-        self.job = self._restart(attention_gpus, folder, generation=0)
-        shrank = self.job.cfg.total_gpus != cfg.total_gpus
+        self.workers_name = workers_name or self.name
+        self.worker_set = self._restart(cfg, folder, generation=0)
+        shrank = self.worker_set.cfg.total_gpus != cfg.total_gpus
         if shrank:
-            self._adopt(self.job.cfg)
+            self._adopt(self.worker_set.cfg)
         self.measured_from = 0  # the first history row measured on the current workers and split
         if recovering is not None:
             failure = Failure(**recovering)
             if shrank:  # the node that held the dead controller may be gone with it
-                failure.notes.append(self._shrunk_note(self.job))
+                failure.notes.append(self._shrunk_note(self.worker_set))
             failure.recovered(self.start_step - 1, time.time() - recovering["detected_at"], redone)
             self.failures.append(failure)
             self.metrics_log.append(failure.to_dict())
@@ -156,14 +155,13 @@ class Controller:
         self.step = self.start_step - 1
         self.last_checkpoint: Optional[str] = None if folder is None else str(folder)
 
-    def _restore(self, folder: Path, attention_gpus: Optional[int]) -> int:
-        """Take the controller's state from checkpoint ``folder``; returns the split to run
-        (``attention_gpus``, or the checkpoint's)."""
+    def _restore(self, folder: Path) -> int:
+        """Take the controller's state from checkpoint ``folder``; returns the checkpoint's split."""
         meta = checkpoint.read_meta(folder)
         self.predictor.load_state_dict(meta["predictor"])
         self.policy.load_state_dict(meta["policy"])
         self.migration_cost.load_state_dict(meta["migration_cost"])
-        return meta["attention_gpus"] if attention_gpus is None else attention_gpus
+        return meta["attention_gpus"]
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -178,7 +176,7 @@ class Controller:
                     if self._apply_requests(step):
                         break
                     t0 = time.perf_counter()
-                    metrics = self.job.step(step, timeout_s=self._step_deadline_s())
+                    metrics = self.worker_set.step(step, timeout_s=self._step_deadline_s())
                     self._after_step(step, metrics.with_wall_clock(time.perf_counter() - t0, self.tokens_per_step))
                     if metrics.skipped:
                         self._check_skips(step, metrics)
@@ -195,7 +193,7 @@ class Controller:
             raise
         finally:
             # After a failure the groups may be broken and a worker stalled: kill, do not wait.
-            self.job.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
+            self.worker_set.shutdown(timeout_s=0 if self.state == "failed" else CLOSE_TIMEOUT_S)
         return self.status()
 
     def _check_skips(self, step: int, metrics: StepMetrics) -> None:
@@ -215,7 +213,7 @@ class Controller:
 
     def _step_deadline_s(self) -> float:
         """How long the next step may take before it counts as stalled (``faults``)."""
-        k = self.job.plan.attention_gpus
+        k = self.worker_set.plan.attention_gpus
         with self.lock:
             recent = [r.metrics.step_time_s for r in self.history[self.measured_from:]
                       if r.metrics.attention_gpus == k]
@@ -230,7 +228,7 @@ class Controller:
         recorded (a row of ``metrics.jsonl``, and what ``failures_since`` returns); a restart
         that fails is one more."""
         budget = self.cfg.train.max_failures
-        generation = self.job.generation
+        generation = self.worker_set.generation
         t0 = time.perf_counter()
         while True:
             with self.lock:
@@ -241,12 +239,16 @@ class Controller:
                     raise WorkerCallFailed(f"{exc} (failure {len(self.failures)}, more than "
                                            f"train.max_failures={budget})", exc.operation, exc.failures) from None
                 raise exc
-            self.job.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
+            self.worker_set.shutdown(timeout_s=0)  # broken groups are not closed politely: the actors are killed
             folder = latest_intact(self.checkpoints, warn=failure.notes.append)
-            k = self.job.plan.attention_gpus if folder is None else self._restore(folder, None)
+            k = self.worker_set.plan.attention_gpus if folder is None else self._restore(folder)
             generation += 1  # past every generation the old workers used: no group name is taken twice
             try:
-                job = self._restart(k, folder, generation)
+                # On the run's whole topology at the split it held; after an elastic restart, at
+                # the configured split of the whole topology.
+                same_nodes = self.cfg.cluster.num_nodes == self.full_cfg.cluster.num_nodes
+                workers = self._restart(self.full_cfg.with_split(k) if same_nodes else self.full_cfg, folder,
+                                        generation)
             except (WorkerCallFailed, ClusterError) as again:
                 exc = again if isinstance(again, WorkerCallFailed) else WorkerCallFailed(
                     str(again), "recovery", {"cluster": str(again)})
@@ -255,17 +257,17 @@ class Controller:
             break
         resumed = -1 if folder is None else checkpoint.read_meta(folder)["step"]
         redone = sum(1 for r in self.history if r.step > resumed)
-        if job.cfg.total_gpus != self.cfg.total_gpus:
-            shrank = job.cfg.total_gpus != self.full_cfg.total_gpus
-            self._adopt(job.cfg if shrank else self.full_cfg)
+        if workers.cfg.total_gpus != self.cfg.total_gpus:
+            shrank = workers.cfg.total_gpus != self.full_cfg.total_gpus
+            self._adopt(workers.cfg if shrank else self.full_cfg)
             if shrank:
-                failure.notes.append(self._shrunk_note(job))
+                failure.notes.append(self._shrunk_note(workers))
         recover_s = time.perf_counter() - t0
         self.metrics_log.rewind(resumed)
         self.metrics_log.append(dict(failure.to_dict(), resumed_from=resumed, recover_s=recover_s, steps_lost=redone))
         with self.lock:  # a client sees the failure recovered only with the history it resumed from
             failure.recovered(resumed, recover_s, redone)
-            self.job = job
+            self.worker_set = workers
             self.history = [r for r in self.history if r.step <= resumed]
             self.measured_from = len(self.history)
             self.window.clear()
@@ -273,25 +275,24 @@ class Controller:
             self.last_checkpoint = None if folder is None else str(folder)
         return resumed + 1
 
-    def _shrunk_note(self, job: TrainingJob) -> str:
-        return (f"going on with {job.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
-                f"{job.plan.attention_gpus} attention GPUs (train.elastic)")
+    def _shrunk_note(self, workers: WorkerSet) -> str:
+        return (f"going on with {workers.cfg.cluster.num_nodes} of {self.full_cfg.cluster.num_nodes} nodes at "
+                f"{workers.plan.attention_gpus} attention GPUs (train.elastic)")
 
-    def _restart(self, k: int, folder: Optional[Path], generation: int) -> TrainingJob:
-        """New workers from ``folder`` on the run's full topology at ``k`` attention GPUs; with
+    def _restart(self, cfg: Config, folder: Optional[Path], generation: int) -> WorkerSet:
+        """New workers from ``folder`` for ``cfg`` (the run's whole topology, at a split); with
         ``train.elastic``, when the cluster cannot hold it, on the nodes that are left
         (``elastic.shrunk``: the predictor picks the split)."""
-        start = dict(dataset=self.dataset, name=self.job_name, torch_threads=self.torch_threads,
+        start = dict(dataset=self.dataset, name=self.workers_name, torch_threads=self.torch_threads,
                      checkpoint=None if folder is None else str(folder), generation=generation)
-        full = self.full_cfg
         try:
-            same_nodes = self.cfg.cluster.num_nodes == full.cluster.num_nodes
-            return TrainingJob(full, attention_gpus=k if same_nodes else None, **start)
+            return WorkerSet(cfg, **start)
         except ClusterError:
+            full = self.full_cfg
             smaller = shrunk(full, _nodes_holding(full.cluster.gpus_per_node)) if full.train.elastic else None
             if smaller is None:
                 raise
-            return TrainingJob(smaller, attention_gpus=smaller.cluster.attention_gpus, **start)
+            return WorkerSet(smaller, **start)
 
     def _adopt(self, cfg: Config) -> None:
         """Run on ``cfg``'s topology from now on: the time model and the policy start afresh, as
@@ -310,16 +311,16 @@ class Controller:
             self.next_boundary = step + 1  # a request from now on waits for the next boundary
         if stop:
             return True
-        if target is not None and target != self.job.plan.attention_gpus:
+        if target is not None and target != self.worker_set.plan.attention_gpus:
             self._migrate(step, target, reason="requested")
         return False
 
     def _migrate(self, step: int, k: int, reason: str) -> None:
-        before = self.job.plan.attention_gpus
+        before = self.worker_set.plan.attention_gpus
         measured = self.migration_cost.migrations > 0  # the defaults' guess is not a bound
         deadline_s = move_deadline_s(self.migration_cost.estimate(before, k) if measured else None,
                                      self.cfg.comm.synchronization_timeout_ms, self.cfg.control.worker_timeout_s)
-        result = self.job.apply_split(k, timeout_s=deadline_s)
+        result = self.worker_set.move_to(k, timeout_s=deadline_s)
         with self.lock:
             self.measured_from = len(self.history)  # the new split's steps are measured afresh
         record = {"before_step": step, "from": before, "to": k, "reason": reason, **result}
@@ -328,7 +329,7 @@ class Controller:
         self.migration_cost.observe(before, k, result["pause_s"])
 
     def _after_step(self, step: int, metrics: StepMetrics) -> None:
-        k = self.job.plan.attention_gpus
+        k = self.worker_set.plan.attention_gpus
         seen = None
         if metrics.t_attention_s > 0 and metrics.t_moe_s > 0:  # a pool that timed nothing teaches nothing
             # Predicted before this step is learnt from: the error on steps the model did not fit.
@@ -362,20 +363,20 @@ class Controller:
         as a migration and a ``grow`` row of ``metrics.jsonl``. A restart that fails here is a
         failure like any other (``_recover``), whose restart takes what the cluster holds."""
         t0 = time.perf_counter()
-        before, old = self.job.plan.attention_gpus, self.job
+        before, old = self.worker_set.plan.attention_gpus, self.worker_set
         old.shutdown()
         try:
-            job = self._restart(before, Path(self.last_checkpoint), old.generation + 1)
+            workers = self._restart(self.full_cfg, Path(self.last_checkpoint), old.generation + 1)
         except ClusterError as exc:  # not even the smaller cluster could be reserved again
             raise WorkerCallFailed(str(exc), "grow back", {"cluster": str(exc)}) from None
-        if job.cfg.total_gpus == self.full_cfg.total_gpus:
+        if workers.cfg.total_gpus == self.full_cfg.total_gpus:
             self._adopt(self.full_cfg)
-        record = {"before_step": step + 1, "from": before, "to": job.plan.attention_gpus,
-                  "reason": f"the cluster holds {job.cfg.cluster.num_nodes} nodes again (train.elastic)",
+        record = {"before_step": step + 1, "from": before, "to": workers.plan.attention_gpus,
+                  "reason": f"the cluster holds {workers.cfg.cluster.num_nodes} nodes again (train.elastic)",
                   "pause_s": time.perf_counter() - t0}
-        self.metrics_log.append({"event": GROW_EVENT, "nodes": job.cfg.cluster.num_nodes, **record})
+        self.metrics_log.append({"event": GROW_EVENT, "nodes": workers.cfg.cluster.num_nodes, **record})
         with self.lock:
-            self.job = job
+            self.worker_set = workers
             self.migrations.append(record)
             self.measured_from = len(self.history)
             self.window.clear()
@@ -385,7 +386,7 @@ class Controller:
             return
         state_bytes = self._state_bytes()
         t0 = time.perf_counter()
-        folder = checkpoint.save(self.job, self.checkpoints, step,
+        folder = checkpoint.save(self.worker_set, self.checkpoints, step,
                                  {"predictor": self.predictor.state_dict(), "policy": self.policy.state_dict(),
                                   "migration_cost": self.migration_cost.state_dict()},
                                  keep=self.cfg.train.keep_checkpoints,
@@ -409,7 +410,7 @@ class Controller:
     def status(self) -> dict:
         with self.lock:
             last = self.history[-1].metrics if self.history else None
-            plan = self.job.plan
+            plan = self.worker_set.plan
             predicted = self.predictor.predict(plan.attention_gpus)
             return {
                 "state": "paused" if not self.unpaused.is_set() and self.state == "running" else self.state,
@@ -492,7 +493,7 @@ RECENT_SAVES = 5  # saves whose write speed the next save's deadline looks back 
 
 def _storage_only(exc: WorkerCallFailed) -> bool:
     """Whether every worker that failed could not write (``StorageError``)."""
-    return bool(exc.failures) and all(why.startswith(f"{StorageError.__name__}:") for why in exc.failures.values())
+    return bool(exc.failures) and all(exc.error_types.get(who) == StorageError.__name__ for who in exc.failures)
 
 
 def _nodes_holding(gpus: int) -> int:

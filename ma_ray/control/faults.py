@@ -2,17 +2,17 @@
 record of a failure the run recovered from (or ended with), and the error of a non-finite step
 that ends a run. Pure code: no Ray, no torch.
 
-A stalled worker never answers, and on GPUs nothing else bounds it (NCCL ops have no timeout:
-``shared/DESIGN.md``), so the controller's wait on a step is the watchdog. Its deadline is the
-step's expected time, ``DEADLINE_FACTOR`` times the larger of the predictor's step time
-(``parallel.step_time``) and the slowest step measured recently at this split, plus
-``comm.synchronization_timeout_ms``, the time a worker's peers wait before they fail on their
-own. A step that nothing has been measured for yet (the first one after a set-up, a recovery or a
-move, which builds the groups and warms up) gets ``control.worker_timeout_s``. When the deadline passes
-before any worker has failed, the wait goes on for ``comm.synchronization_timeout_ms`` + 1 s
-(``WorkerGroup``'s settle time) for the stalled worker's peers to fail by themselves and name it.
-Measured steps count as well as the prediction because the predictor models compute stages only: on a tiny
-model, Ray's and the collectives' overheads are most of a step.
+A stalled worker never answers, and on GPUs nothing else bounds it (NCCL ops have no timeout), so
+the controller's wait on a step is the watchdog. Its deadline is the step's expected time,
+``DEADLINE_FACTOR`` times the larger of the predictor's step time (``parallel.step_time``) and the
+slowest step measured recently at this split, plus ``comm.synchronization_timeout_ms``, the time a
+worker's peers wait before they fail on their own. A step that nothing has been measured for yet
+(the first one after a set-up, a recovery or a move, which builds the groups and warms up) gets
+``control.worker_timeout_s``. When the deadline passes before any worker has failed, the wait goes
+on for ``comm.synchronization_timeout_ms`` + 1 s (``WorkerGroup``'s settle time) for the stalled
+worker's peers to fail by themselves and name it. Measured steps count as well as the prediction
+because the predictor models compute stages only: on a tiny model, Ray's and the collectives'
+overheads are most of a step.
 
 Calls other than a step are bounded the same way, by what they do: a checkpoint save by its bytes
 over the slowest write speed measured on the run's disk (``save_deadline_s``), a move by its

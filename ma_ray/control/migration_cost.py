@@ -98,7 +98,7 @@ class MigrationCostModel:
     __call__ = estimate
 
     def observe(self, old_k: int, new_k: int, pause_s: float) -> None:
-        """Learn from a measured migration pause (e.g. ``apply_split``'s ``pause_s``)."""
+        """Learn from a measured migration pause (e.g. ``move_to``'s ``pause_s``)."""
         raw = self.raw_estimate(old_k, new_k)
         if old_k == new_k or raw <= 0 or not (pause_s > 0 and math.isfinite(pause_s)):
             return

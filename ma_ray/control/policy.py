@@ -49,21 +49,20 @@ The policy learns of moves by seeing ``current_k`` change between calls (its own
 once applied, and moves made by hand alike), so the caller never reports them separately.
 
 ``PolicyParams`` holds the knobs ``set_policy`` exposes (threshold, interval, range, enabled) and
-the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``;
-the class has no defaults of its own); ``updated(**changes)`` returns a validated copy
-(ValueError, one line). The decision kinds are the module constants below (``DISABLED``,
-``NOT_DUE``, ...); compare ``Decision.reason`` with them, not with their spelling.
-Pure code; ``state_dict()`` round-trips through plain data.
+the hysteresis knobs, all from the config's ``balance`` section (``PolicyParams.from_config``; the
+class has no defaults of its own) and checked by the config's rules (``config.check_policy``);
+``updated(**changes)`` returns a checked copy (ValueError, one line). The decision kinds are the
+module constants below (``DISABLED``, ``NOT_DUE``, ...); compare ``Decision.reason`` with them, not
+with their spelling. Pure code; ``state_dict()`` round-trips through plain data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from ma_ray.config import Config
+from ma_ray.config import Config, check_policy
 from ma_ray.parallel.step_time import imbalance as imbalance_of, step_time_s
 
 # Decision kinds (``Decision.reason``); IDLE are those that were no decision at all.
@@ -96,19 +95,7 @@ class PolicyParams:
     settle_steps: Optional[int]  # steps at a split before deciding; None = interval // 4
 
     def __post_init__(self):
-        _check_bool("enabled", self.enabled)
-        _check_number("imbalance_threshold", self.imbalance_threshold, low=0.0)
-        _check_int("rebalancing_interval", self.rebalancing_interval, low=1)
-        _check_int("min_attention_gpus", self.min_attention_gpus, low=1)
-        _check_int("max_attention_gpus", self.max_attention_gpus, low=1)
-        if self.min_attention_gpus > self.max_attention_gpus:
-            raise ValueError(f"min_attention_gpus: {self.min_attention_gpus} is greater than "
-                             f"max_attention_gpus ({self.max_attention_gpus})")
-        _check_number("min_gain_fraction", self.min_gain_fraction, low=0.0)
-        _check_int("return_window", self.return_window, low=0)
-        _check_number("return_gain_factor", self.return_gain_factor, low=1.0)
-        if self.settle_steps is not None:
-            _check_int("settle_steps", self.settle_steps, low=0)
+        check_policy(dataclasses.asdict(self), prefix="")  # the config's rules (a ConfigError is a ValueError)
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "PolicyParams":
@@ -146,21 +133,6 @@ def _check_names(changes: dict) -> None:
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown policy parameter (known: {', '.join(sorted(names))})")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: must be true or false, got {value!r}")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(name: str, value, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name}: must be a finite number >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Stage-time predictor: each pool's seconds per (micro-batch, layer) stage at any split ``k``,
-learned online from measured step timings, starting from the seed's model.
+learned online from measured step timings, starting from the methodology's model.
 
 Model, per pool (attention, MoE)::
 
     T_pool(k) = level * scale * (w . x_pool(k))
 
-* ``x_pool(k)``: features of the busiest GPU's work at split ``k`` (``control.workload``),
+* ``x_pool(k)``: features of the busiest GPU's work at split ``k`` (``parallel.workload``),
   normalised to 1 at the reference split (``cluster.attention_gpus``);
 * ``w``: dimensionless coefficients (each term's share of the reference stage time), a Bayesian
-  linear regression (``control.regression``) with prior mean = the seed's formula split into the
+  linear regression (``control.regression``) with prior mean = the methodology's formula split into the
   work terms and prior covariance ``(a w0)(a w0)^T + diag(b_j^2)``. The rank-one part (``a`` =
   ``prior_scale_std``) lets the whole prior scale up or down together; the diagonal part
   (``b_j`` = ``prior_term_std``, or ``prior_extra_std`` for the zero-mean ``bytes``/``sources``
@@ -19,8 +19,8 @@ Model, per pool (attention, MoE)::
   The regression remembers the last ``memory_steps`` steps *of each split*: what was measured at
   a split stays until that split is measured again (see ``control.regression`` for why plain
   exponential forgetting would make the policy re-try splits it had found worse);
-* ``scale``: seconds. Before any measurement it is the seed's prediction at the reference split,
-  so the predictor reproduces the seed there exactly. The seed's absolute numbers describe the
+* ``scale``: seconds. Before any measurement it is the methodology's prediction at the reference split,
+  so the predictor reproduces the methodology there exactly. The methodology's absolute numbers describe the
   paper's hardware and model, not this job's (on the emulated CPU cluster they are off by orders
   of magnitude), so the first measurement of each pool *calibrates* the scale (empirical Bayes:
   ``scale = measured / (w0 . x)``), keeping the prior's shape; everything after is ordinary
@@ -50,8 +50,8 @@ more than a few percent) nor the scale (it is one step of five).
 Error on steps it did not fit (prequential): ``observe`` first predicts the step from the state
 before it, records the relative error, then fits. ``error_report()`` gives, per pool, the mean
 and recent absolute relative error, the error on the first step after every change of split
-(pure extrapolation: no step at that split fitted since the change) and the seed's error on the
-very first step (kept apart: it measures the seed's hardware mismatch, not the learner).
+(pure extrapolation: no step at that split fitted since the change) and the methodology's error on the
+very first step (kept apart: it measures the methodology's hardware mismatch, not the learner).
 
 Expert load (optional): pass ``expert_load`` (anything proportional to the tokens routed to each
 expert) with a step; its exponential average (memory ``level_memory_steps``) feeds the MoE
@@ -71,6 +71,7 @@ import numpy as np
 
 from ma_ray.config import Config
 from ma_ray.control.regression import KeyedBayesLinear
+from ma_ray.errors import is_int
 from ma_ray.parallel.step_time import PipelineShape, imbalance
 from ma_ray.parallel.workload import ATTENTION_TERMS, MOE_TERMS, Workload
 
@@ -115,7 +116,7 @@ class PredictionError:
     measured_attention_s: float
     measured_moe_s: float
     new_split: bool  # first step at this split since the split changed: nothing here was fitted
-    seed: bool  # predicted by the uncalibrated seed model (the first step)
+    uncalibrated: bool  # predicted by the methodology's model before any measurement (the first step)
     fitted: bool  # whether the step was then fitted
 
     @property
@@ -139,12 +140,12 @@ class _ErrorStats:
         self.recent_abs: Optional[float] = None
         self.new_split_steps = 0
         self.new_split_sum_abs = 0.0
-        self.seed_rel_error: Optional[float] = None
+        self.uncalibrated_rel_error: Optional[float] = None
         self.last_rel_error: Optional[float] = None
 
-    def add(self, rel: float, new_split: bool, seed: bool) -> None:
-        if seed:
-            self.seed_rel_error = rel
+    def add(self, rel: float, new_split: bool, uncalibrated: bool) -> None:
+        if uncalibrated:
+            self.uncalibrated_rel_error = rel
             return
         a = abs(rel)
         self.steps += 1
@@ -163,7 +164,7 @@ class _ErrorStats:
                 "new_split_steps": self.new_split_steps,
                 "new_split_mean_abs_rel_error": (self.new_split_sum_abs / self.new_split_steps
                                                  if self.new_split_steps else None),
-                "seed_rel_error": self.seed_rel_error,
+                "seed_rel_error": self.uncalibrated_rel_error,
                 "last_rel_error": self.last_rel_error}
 
     def state_dict(self) -> dict:
@@ -182,15 +183,15 @@ class _Pool:
         self.name, self.terms = name, tuple(terms)
         total = float(sum(prior_seconds))
         if total > 0 and all(math.isfinite(v) for v in prior_seconds):
-            self.seed_scale, shares = total, [v / total for v in prior_seconds]
-        else:  # the configured seed coefficients predict nothing usable: physics shares, 1 ms
-            self.seed_scale, shares = 1e-3, list(fallback_shares)
+            self.prior_scale, shares = total, [v / total for v in prior_seconds]
+        else:  # the configured coefficients predict nothing usable: physics shares, 1 ms
+            self.prior_scale, shares = 1e-3, list(fallback_shares)
         self.prior_shares = tuple(shares)
         w0 = np.asarray(shares, dtype=np.float64)
         b = np.array([settings.prior_extra_std if t in _EXTRA_TERMS else settings.prior_term_std for t in terms])
         cov0 = settings.prior_scale_std ** 2 * np.outer(w0, w0) + np.diag(b ** 2)
         self.regression = KeyedBayesLinear(w0, cov0, settings.noise_rel ** 2, settings.memory_steps)
-        self.scale = self.seed_scale
+        self.scale = self.prior_scale
         self.calibrated = False
         self.level = 1.0
         self.level_alpha = 1.0 / settings.level_memory_steps
@@ -293,7 +294,7 @@ class _Pool:
     def coefficients(self) -> dict:
         mean = self.regression.mean
         return {"terms_s": {t: float(self.scale * w) for t, w in zip(self.terms, mean)},
-                "prior_terms_s": {t: float(self.seed_scale * w) for t, w in zip(self.terms, self.prior_shares)},
+                "prior_terms_s": {t: float(self.prior_scale * w) for t, w in zip(self.terms, self.prior_shares)},
                 "scale_s": self.scale, "level": self.level, "calibrated": self.calibrated,
                 "shifts": self.shifts}
 
@@ -332,7 +333,7 @@ class PredictorSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
                 raise ValueError(f"{name}: must be a number >= 1, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         for name in ("noise_rel", "prior_scale_std", "prior_term_std", "prior_extra_std", "shift_threshold"):
             value = getattr(self, name)
@@ -360,7 +361,7 @@ class StageTimePredictor:
     def _build(self, settings: PredictorSettings, reference_k: Optional[int]) -> None:
         self.settings = settings
         self.workload = Workload(self.cfg, reference_k)
-        attention_prior, moe_prior = self.workload.seed_prior()
+        attention_prior, moe_prior = self.workload.methodology_prior()
         head_share, token_share = self.workload.work_shares()
         self.pools = {
             "attention": _Pool("attention", ATTENTION_TERMS, attention_prior,
@@ -437,22 +438,22 @@ class StageTimePredictor:
         disturbed). Raises ValueError on an infeasible split or a time that is not a positive
         finite number."""
         k = attention_gpus
-        if isinstance(k, bool) or not isinstance(k, int) or not self.workload.feasible(k):
+        if not is_int(k) or not self.workload.feasible(k):
             raise ValueError(f"attention_gpus: {k!r} is not a feasible split of this cluster and model")
         for name, value in (("t_attention_s", t_attention_s), ("t_moe_s", t_moe_s)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive finite number of seconds, got {value!r}")
         shares = self.workload.normalized_load(expert_load)
 
-        seed = not self.pools["attention"].calibrated
+        uncalibrated = not self.pools["attention"].calibrated
         new_split = self._last_k is not None and self._last_k != k
         run_length = self._run_length + 1 if self._last_k == k else 1
         fit = fit and run_length > self.settings.warmup_steps
         predicted = self.predict(k, expert_load=shares)
         record = PredictionError(step, k, predicted.t_attention_s, predicted.t_moe_s, float(t_attention_s),
-                                 float(t_moe_s), new_split, seed, fit)
-        self.pools["attention"].errors.add(record.rel_error_attention, new_split, record.seed)
-        self.pools["moe"].errors.add(record.rel_error_moe, new_split, record.seed)
+                                 float(t_moe_s), new_split, uncalibrated, fit)
+        self.pools["attention"].errors.add(record.rel_error_attention, new_split, record.uncalibrated)
+        self.pools["moe"].errors.add(record.rel_error_moe, new_split, record.uncalibrated)
 
         if fit:
             x_a, x_m = self.workload.features(k, shares if shares is not None else self._load)

@@ -4,10 +4,10 @@ configured shapes, and the small model that actually runs meanwhile.
 With ``emulation.modelled_compute`` the workers run the real model code and collectives on stand-in
 tensors (``stand_in_config``: the configured heads, experts, layers and topology, with tiny widths and
 a short micro-batch) and queue each stage's predicted duration on an emulated device timeline
-(``runtime.emulated_device``). So the schedule, routing, placement and every message are real,
+(``runtime.device.ModelledDevice``). So the schedule, routing, placement and every message are real,
 and the timings the controller sees are those of the configured (e.g. paper) shapes.
 
-Stage durations come from the time model of ``parallel.workload``: the seed's formula at the
+Stage durations come from the time model of ``parallel.workload``: the methodology's formula at the
 reference split (``cluster.attention_gpus``), split into per-GPU work terms, evaluated at a
 worker's own heads, token slice, experts and routed rows. Its coefficients are the balance
 section's, or a calibration file's when one is given. A stage (one layer of one micro-batch) is
@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import yaml
 
 from ma_ray.config import Config, ConfigError
+from ma_ray.errors import is_number
 from ma_ray.parallel.hierarchy import TwoLevelLayout, flat_ring_s, two_level_s
 from ma_ray.parallel.memory import (attention_replicated_params, head_params, moe_gpu_params, precision_of,
                                     tokens_per_micro_batch)
@@ -73,7 +74,7 @@ def load_calibration(path: str) -> Tuple[list, list]:
     for key in ("attn_time_coef", "moe_time_coef"):
         coef = data.get(key) if isinstance(data, dict) else None
         if (not isinstance(coef, list) or len(coef) != 3
-                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                or not all(is_number(c) and math.isfinite(c) and c >= 0
                            for c in coef)):
             raise ConfigError(f"emulation.calibration_file: {p} needs {key}: three non-negative numbers")
         out.append([float(c) for c in coef])
@@ -88,7 +89,7 @@ class StageDurations:
     attention_terms: Tuple[float, float, float]  # constant, heads, tokens: seconds at the reference
     moe_terms: Tuple[float, float, float]  # constant, experts, rows: seconds at the reference
     reference: Tuple[int, int, int, float]  # heads, tokens, experts, rows of the reference split
-    coefficients: Tuple[list, list]  # the seed-form coefficients used, for the record
+    coefficients: Tuple[list, list]  # the methodology-form coefficients used, for the record
     source: str  # where they came from
     token_scale: float  # configured tokens per micro-batch over the stand-in's
     hidden_size: int
@@ -255,7 +256,7 @@ def stage_durations(cfg: Config) -> StageDurations:
     else:
         source = "balance.attn_time_coef / balance.moe_time_coef"
     work = Workload(cfg)
-    (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.seed_prior()
+    (a0, a_heads, a_tokens, _), (m0, m_experts, m_rows, _) = work.methodology_prior()
     ref = work.reference_shape
     precision = precision_of(cfg)
     stand_in_tokens = e.stand_in_seq_length * e.stand_in_micro_batch_size

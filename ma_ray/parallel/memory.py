@@ -47,7 +47,7 @@ Activations: what the roles keep (``runtime.attention_role``, ``runtime.moe_role
     gradients); on a MoE GPU a layer's backward. Not counted: CUDA context, NCCL and cuBLAS
     workspaces and allocator fragmentation (together typically a few GB).
 
-The paper preset against the seed's 123.7 GB (``memory.*_budget_gb``; ``ma-ray plan`` prints both)
+The paper preset against the methodology's 123.7 GB (``memory.*_budget_gb``; ``ma-ray plan`` prints both)
     bf16, k = 12, micro-batch 64 x 2048 (131,072 tokens), activation checkpointing on, fused
     attention, one micro-batch in flight:
 
@@ -67,7 +67,7 @@ The paper preset against the seed's 123.7 GB (``memory.*_budget_gb``; ``ma-ray p
     805 M x (2 B softmax output + 1 B dropout mask + 2 B dropout output) = 4.0 GB a layer, 16.1
     GB over the 4 layers without checkpointing; with it, only while one layer is recomputed.
 
-    The seed's 123.7 GB cannot be rebuilt from its own buffer shapes: they use the whole batch
+    The methodology's 123.7 GB cannot be rebuilt from its own buffer shapes: they use the whole batch
     of 1024 rather than the micro-batch of 64 (its (1024, 3, 2048, 2048) score tensor alone is
     25.8 GB per layer in bf16), and no sum of them gives 123.7. It reads as a per-device budget
     (about 88 % of a 141 GB H200), not a need; the plan treats it as a budget and reports the
@@ -84,7 +84,7 @@ from ma_ray.config import Config, ModelConfig
 from ma_ray.parallel.hierarchy import TwoLevelLayout
 from ma_ray.parallel.placement import ATTENTION, GpuAssignment, Plan, replicate
 
-GB = 1e9  # decimal gigabytes, the unit of the seed's figures
+GB = 1e9  # decimal gigabytes, the unit of the methodology's figures
 
 
 # --- precision -------------------------------------------------------------------------------
@@ -313,16 +313,14 @@ def moe_rows(cfg: Config, num_experts: int) -> int:
     return min(num_experts * min(expert_capacity(cfg), tokens), tokens * cfg.moe.top_k)
 
 
-def moe_activations(cfg: Config, num_experts: int, device: str = "cuda",
-                    attention_gpus: Optional[int] = None) -> ActivationModel:
+def moe_activations(cfg: Config, num_experts: int, attention_gpus: int, device: str = "cuda") -> ActivationModel:
     """Activation terms of a MoE GPU holding ``num_experts`` experts, every expert at capacity,
-    as ``runtime.moe_role`` keeps them, rows coming from ``attention_gpus`` sources (default
-    ``cluster.attention_gpus``)."""
+    as ``runtime.moe_role`` keeps them, rows coming from ``attention_gpus`` sources."""
     m, p = cfg.model, precision_of(cfg)
     a, w = p.activation_bytes, p.cast_bytes
     rows = moe_rows(cfg, num_experts)
     hidden, inner = m.hidden_size, m.intermediate_size
-    sources = attention_gpus if attention_gpus is not None else cfg.cluster.attention_gpus
+    sources = attention_gpus
     # Each compute batch casts the weights of every expert it has rows of, and without
     # checkpointing each cast is kept: one per chunk and per expert boundary inside the chunks
     # (each source's rows come sorted by expert, in chunks of communication_chunk_size rows).
@@ -399,7 +397,7 @@ def activation_model(cfg: Config, plan: Plan, gpu: GpuAssignment, fused_attentio
                      device: str = "cuda") -> ActivationModel:
     if gpu.role == ATTENTION:
         return attention_activations(cfg, len(gpu.heads), plan.attention_gpus, fused_attention, device)
-    return moe_activations(cfg, len(gpu.experts), device, plan.attention_gpus)
+    return moe_activations(cfg, len(gpu.experts), plan.attention_gpus, device)
 
 
 def residual_bytes(cfg: Config, plan: Plan, gpu: GpuAssignment) -> int:
@@ -448,5 +446,5 @@ def estimate_plan(cfg: Config, plan: Plan, fused_attention: bool = True) -> Tupl
 
 
 def budget_gb(cfg: Config, role: str) -> float:
-    """The configured per-GPU memory budget of a pool (the seed's figures by default)."""
+    """The configured per-GPU memory budget of a pool (the methodology's figures by default)."""
     return cfg.memory.attention_gpu_budget_gb if role == ATTENTION else cfg.memory.moe_gpu_budget_gb

@@ -11,18 +11,18 @@ Which slots the MoE pool takes
     * every attention GPU talks to every MoE GPU at every layer; with the MoE pool spread evenly,
       each node carries the same share of that traffic on its inter-node link (and keeps the same
       share on its fast intra-node link), instead of one node's NIC carrying all of it;
-    * the seed's hierarchical all-reduce of the attention pool reduces inside each node first
+    * the methodology's hierarchical all-reduce of the attention pool reduces inside each node first
       (``comm.hierarchical_allreduce``, ``parallel.hierarchy``); an even spread leaves every node with the same number of attention GPUs (or one fewer), so such
       intra-node groups are equal as far as the split allows and no node's group is the straggler;
     * the choice is nested: the MoE slots of a pool of ``m`` GPUs are the first ``m`` of one fixed
       order, so moving one GPU between the pools (k -> k +/- 1) changes the role of exactly one
       slot and leaves every other GPU on its side;
     * the highest local indices go to MoE so attention GPUs keep the low local indices, as in the
-      seed (local GPU 3 of each 4-GPU node is the MoE GPU).
+      methodology (local GPU 3 of each 4-GPU node is the MoE GPU).
 
 Global numbering
     Attention GPUs first, ordered by (node, local GPU), then MoE GPUs in the round-robin order
-    above. For the paper's 4 x 4 with 12 attention GPUs that is exactly the seed: GPUs 0-11 are
+    above. For the paper's 4 x 4 with 12 attention GPUs that is exactly the methodology's: GPUs 0-11 are
     local 0-2 of nodes 0-3, and MoE GPU 12 + j is local GPU 3 of node j. Ordering the MoE pool by
     deal order (not by slot) also keeps every MoE GPU's rank in its pool when the pool grows.
     A GPU's position in its pool (``rank``) is its rank in that pool's collective group.
@@ -31,18 +31,19 @@ Heads and experts
     Balanced contiguous ranges in global order (``shares.balanced_ranges``): counts differ by at
     most one and larger shares come first (32 heads over 12 GPUs: 3 x 8 then 2 x 4).
 
-``place`` is the pure function of the numbers; ``make_plan`` takes a config and first checks
-the split against the balancing policy and the model with ``ma_ray.config.check_split``. Both
-apply the one rule of ``ma_ray.parallel.split``.
+``place`` is the pure function of the numbers; ``make_plan`` places a config at its split,
+which the config's validation checked; ``plan_of_move`` places a live move's target. All apply
+the one rule of ``ma_ray.parallel.split``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 from ma_ray.config import Config, check_split
+from ma_ray.errors import is_int
 from ma_ray.parallel.shares import balanced_ranges
 from ma_ray.parallel.split import split_error
 
@@ -189,7 +190,7 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     """The plan for ``attention_gpus`` attention GPUs out of ``num_nodes * gpus_per_node``.
 
     Raises ValueError when the split leaves a pool empty or a GPU without a head or an expert;
-    the policy range (min/max attention GPUs) is ``make_plan``'s business, not this function's.
+    the policy range (min/max attention GPUs) is the config's or the caller's business.
     """
     total = num_nodes * gpus_per_node
     moe_gpus = total - attention_gpus
@@ -213,16 +214,22 @@ def place(num_nodes: int, gpus_per_node: int, attention_gpus: int, num_heads: in
     return Plan(num_nodes, gpus_per_node, num_heads, num_experts, tuple(gpus))
 
 
-def make_plan(cfg: Config, attention_gpus: Optional[int] = None, within_policy: bool = True) -> Plan:
-    """The plan for ``cfg`` with ``attention_gpus`` (default ``cfg.cluster.attention_gpus``).
+def make_plan(cfg: Config) -> Plan:
+    """The plan of ``cfg`` at its split, ``cluster.attention_gpus`` (validated with the config)."""
+    return _placed(cfg, cfg.cluster.attention_gpus)
 
-    Raises ConfigError (one line) when the split is outside the balancing range or the topology
-    and model cannot hold it.
-    """
-    k = cfg.cluster.attention_gpus if attention_gpus is None else attention_gpus
-    check_split(cfg, k, within_policy=within_policy)
+
+def plan_of_move(cfg: Config, target: int) -> Plan:
+    """The plan a live move of ``cfg``'s job goes to: ``target`` attention GPUs on the same
+    topology. ConfigError (one line) when the topology and model cannot hold it; the policy
+    range is the caller's to check (the live policy's may differ from the config's)."""
+    check_split(cfg, target, within_policy=False)
+    return _placed(cfg, target)
+
+
+def _placed(cfg: Config, attention_gpus: int) -> Plan:
     c = cfg.cluster
-    plan = place(c.num_nodes, c.gpus_per_node, k, cfg.model.num_attention_heads, cfg.moe.num_experts)
+    plan = place(c.num_nodes, c.gpus_per_node, attention_gpus, cfg.model.num_attention_heads, cfg.moe.num_experts)
     return dataclasses.replace(plan, replicas=c.replicas)
 
 
@@ -233,7 +240,7 @@ def replicate(plan: Plan, replicas: int) -> Plan:
     the groups that all-reduce gradients between the copies (a GPU with its counterparts), for
     the communication model (``parallel.emulation``); no job runs such a plan as one (a job
     runs ``Plan.replica_plans``)."""
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    if not is_int(replicas) or replicas < 1:
         raise ValueError(f"replicas: must be an integer >= 1, got {replicas!r}")
     pools = [plan.attention_workers(), plan.moe_workers()]
     gpus: List[GpuAssignment] = []

@@ -5,7 +5,7 @@ as a dict (for JSON) or a readable table. It is what ``ma-ray plan`` prints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from ma_ray.config import Config
 from ma_ray.parallel.memory import GB, MemoryEstimate, budget_gb, estimate_plan, precision_of
@@ -109,8 +109,8 @@ def _span(items: Sequence[int]) -> str:
     return ",".join(map(str, items))
 
 
-def plan_report(cfg: Config, attention_gpus: Optional[int] = None) -> PlanReport:
-    """The report for ``cfg`` with ``attention_gpus`` (default ``cfg.cluster.attention_gpus``)."""
-    plan = make_plan(cfg, attention_gpus)
+def plan_report(cfg: Config) -> PlanReport:
+    """The report for ``cfg`` at its split."""
+    plan = make_plan(cfg)
     return PlanReport(cfg, plan, estimate_plan(cfg, plan, fused_attention=True),
                       estimate_plan(cfg, plan, fused_attention=False), predict_stage_times(cfg, plan))

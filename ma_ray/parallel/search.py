@@ -14,7 +14,7 @@ The prediction of a layout, all of it from functions the runtime and the control
 
 * stage times ``T_a, T_m``: ``Workload.prior_stage_times``, the controller's predictor before
   its first measurement (``control.predictor``), anchored at the configured layout
-  (``cluster.*``, the seed's 4 x 4 at 12 attention GPUs in the paper preset) and evaluated at the
+  (``cluster.*``, the methodology's 4 x 4 at 12 attention GPUs in the paper preset) and evaluated at the
   busiest GPUs' work in the layout (heads, token slice, experts, routed rows), so a group of
   another size is scored by its per-GPU work;
 * the attention pool's aggregation (an all-gather and a reduce-scatter of the micro-batch in each
@@ -46,6 +46,7 @@ from functools import lru_cache
 from typing import List, Mapping, Optional, Tuple
 
 from ma_ray.config import Config, ConfigError
+from ma_ray.errors import is_int
 from ma_ray.parallel.emulation import StageDurations, stage_durations
 from ma_ray.parallel.memory import budget_gb, estimate_gpu, head_params, moe_gpu_params, precision_of
 from ma_ray.parallel.placement import Plan, place
@@ -129,8 +130,8 @@ class SearchResult:
     candidates: int  # layouts scored
     over_memory: int  # of which left out: over a memory budget
     rows: Tuple[Prediction, ...]  # those that fit, best first
-    seed: Optional[Prediction]  # the configured layout on this cluster (None: not applicable)
-    seed_note: str  # why not applicable, or what it is
+    configured: Optional[Prediction]  # the configured layout on this cluster (None: not applicable)
+    configured_note: str  # why not applicable, or what it is
 
     @property
     def gpus(self) -> int:
@@ -143,11 +144,11 @@ def used_nodes(cfg: Config, nodes: int, gpus: Optional[int]) -> int:
     """How many whole nodes of ``nodes`` x ``cluster.gpus_per_node`` the search uses for
     ``gpus`` GPUs (None: all). ConfigError, one line, on a count that cannot be used."""
     per_node = cfg.cluster.gpus_per_node
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+    if not is_int(nodes) or nodes < 1:
         raise ConfigError(f"--nodes: must be at least 1, got {nodes!r}")
     if gpus is None:
         return nodes
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+    if not is_int(gpus) or gpus < 1:
         raise ConfigError(f"--gpus: must be a positive number of GPUs or 'all', got {gpus!r}")
     if gpus > nodes * per_node:
         raise ConfigError(f"--gpus: {gpus} is more than the cluster's {nodes * per_node} GPUs "
@@ -245,7 +246,7 @@ def layouts(cfg: Config, nodes: int, kinds: Tuple[str, ...]) -> List[Layout]:
     return out
 
 
-def seed_layout(cfg: Config, nodes: int) -> Tuple[Optional[Layout], str]:
+def configured_on(cfg: Config, nodes: int) -> Tuple[Optional[Layout], str]:
     """The configured layout on ``nodes`` nodes: as many copies of it as fill them."""
     c, micro = cfg.cluster, cfg.train.gradient_accumulation_steps
     if nodes % c.num_nodes:
@@ -302,11 +303,11 @@ def search(cfg: Config, reducers: Mapping[str, object], nodes: Optional[int] = N
     fitting.sort(key=lambda p: (p.step_s, p.layout.replicas, p.layout.in_flight,
                                 COMM_SETTINGS.index((p.layout.hierarchical, p.layout.compression)),
                                 p.layout.attention_gpus))
-    seed, note = seed_layout(cfg, used)
-    if seed is not None and seed.compression not in reducers:
-        seed, note = None, f"comm.gradient_compression {seed.compression} is not among the reducers given"
+    configured, note = configured_on(cfg, used)
+    if configured is not None and configured.compression not in reducers:
+        configured, note = None, f"comm.gradient_compression {configured.compression} is not among the reducers given"
     return SearchResult(used, cfg.cluster.gpus_per_node, len(scored), len(scored) - len(fitting), tuple(fitting),
-                        scorer.score(seed) if seed is not None else None, note)
+                        scorer.score(configured) if configured is not None else None, note)
 
 
 # --- a cluster too small ---------------------------------------------------------------------
@@ -378,7 +379,9 @@ def to_dict(result: SearchResult, cfg: Config) -> dict:
             "tokens_per_step": cfg.train.batch_size * cfg.train.seq_length,
             "candidates": result.candidates, "over_memory": result.over_memory,
             "rows": [p.to_dict() for p in result.rows],
-            "seed": result.seed.to_dict() if result.seed is not None else None, "seed_note": result.seed_note}
+            # "seed": the configured layout, as the output has always named it
+            "seed": result.configured.to_dict() if result.configured is not None else None,
+            "seed_note": result.configured_note}
 
 
 def format_table(result: SearchResult, cfg: Config, top: int) -> str:
@@ -396,17 +399,17 @@ def format_table(result: SearchResult, cfg: Config, top: int) -> str:
     header = ("rank", "replicas", "attn/moe", "nodes/replica", "in flight", "hierarchical", "compression",
               "step s", "tokens/s/GPU", "peak GB", "budget GB")
     rows = [header] + [_row(str(i + 1), p) for i, p in enumerate(result.rows[:top])]
-    if result.seed is not None:
-        rows.append(_row("seed", result.seed))
+    if result.configured is not None:
+        rows.append(_row("seed", result.configured))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
-    if result.seed is not None:
-        rank = next((i + 1 for i, p in enumerate(result.rows) if p.layout == result.seed.layout), None)
+    if result.configured is not None:
+        rank = next((i + 1 for i, p in enumerate(result.rows) if p.layout == result.configured.layout), None)
         where = f"rank {rank}" if rank is not None else "over the memory budget"
-        lines.append(f"seed: {result.seed_note}; {where}")
+        lines.append(f"seed: {result.configured_note}; {where}")
     else:
-        lines.append(f"seed: not applicable: {result.seed_note}")
+        lines.append(f"seed: not applicable: {result.configured_note}")
     return "\n".join(lines)
 
 

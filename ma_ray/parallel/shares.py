@@ -2,7 +2,7 @@
 
 One rule, used for heads over the attention pool and for experts over the MoE pool: counts
 differ by at most one, every bin gets a contiguous range, and the larger shares come first
-(32 heads over 12 GPUs: 3,3,3,3,3,3,3,3,2,2,2,2, the seed's layout). Contiguous ranges keep a
+(32 heads over 12 GPUs: 3,3,3,3,3,3,3,3,2,2,2,2, the methodology's layout). Contiguous ranges keep a
 GPU's heads (experts) one slice of the packed Q/K/V rows (stacked expert weights), so moving
 them is a handful of narrow copies rather than a gather.
 """

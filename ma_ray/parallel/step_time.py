@@ -23,7 +23,7 @@ when stage times are constant and transfers never queue (the assumptions):
 
 * the busier pool must run ``m L`` stages, and before its first and after its last the other
   pool's first (or last) stage and two transfers must happen:
-  ``T_a + T_m + 2 T_c + max(T_a, T_m) (m L - 1)``, the formula of issue 5, which is the ideal
+  ``T_a + T_m + 2 T_c + max(T_a, T_m) (m L - 1)``, which is the ideal
   when the group is deep enough to cover a round trip (``m max(T_a, T_m) >= T_a + T_m + 2 T_c``);
 * the last micro-batch of the group starts after the other ``m - 1`` have had their first
   attention stage, then runs its own chain: ``(m - 1) T_a + L (T_a + T_m + 2 T_c)``; at ``m = 1``

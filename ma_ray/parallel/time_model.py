@@ -1,4 +1,4 @@
-"""The seed's stage-time model: predicted seconds of the attention stage and of the MoE stage.
+"""The methodology's stage-time model: predicted seconds of the attention stage and of the MoE stage.
 
 As written in the methodology, with its coefficients from ``cfg.balance``:
 
@@ -11,7 +11,7 @@ slow as its busiest GPU, so the plan's prediction uses the largest expert count 
 What this model does and does not say (kept as written; the controller corrects it with
 measurements): neither formula depends on the number of attention GPUs, and the MoE one only
 through the experts per GPU (12 us per expert). With the paper preset it predicts T_attention =
-0.106 s and T_moe = 0.738 s (MoE about 7x slower), while the seed's text says attention is about
+0.106 s and T_moe = 0.738 s (MoE about 7x slower), while the methodology's text says attention is about
 2.3x slower; a balancer driven by these numbers alone moves GPUs towards the MoE pool until the
 lower bound of attention GPUs.
 """
@@ -53,7 +53,7 @@ class StageTimes:
 
 
 def predict_stage_times(cfg: Config, plan: Plan) -> StageTimes:
-    """The seed model's stage times for ``plan`` under ``cfg`` (sequence length from ``train``)."""
+    """The methodology's model's stage times for ``plan`` under ``cfg`` (sequence length from ``train``)."""
     active = max(len(g.experts) for g in plan.moe_workers())
     return StageTimes(
         t_attention_s=attention_time(cfg.balance.attn_time_coef, cfg.train.seq_length, cfg.model.hidden_size),

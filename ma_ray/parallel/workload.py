@@ -1,7 +1,7 @@
 """Per-GPU work of a split: the features the stage-time predictor regresses on, for any number
-``k`` of attention GPUs, and the seed's model turned into a prior over their coefficients.
+``k`` of attention GPUs, and the methodology's model turned into a prior over their coefficients.
 
-A pool is as slow as its busiest GPU (``runtime.job.summarize`` reports the slowest worker's
+A pool is as slow as its busiest GPU (``runtime.step_metrics.summarize`` reports the slowest worker's
 compute seconds per (micro-batch, layer) stage), so every feature describes the busiest GPU of
 its pool at split ``k`` (placement from ``ma_ray.parallel.placement.place``: heads and experts in
 balanced contiguous ranges, tokens of a micro-batch in balanced slices).
@@ -23,7 +23,7 @@ MoE pool (``m = N - k`` GPUs):
 
 * ``constant``  1;
 * ``experts``   most experts on one MoE GPU, ``ceil(E / m)``: one weight read and one pair of
-                matmul launches per expert (the seed's ``active_experts`` term);
+                matmul launches per expert (the methodology's ``active_experts`` term);
 * ``rows``      the most rows one MoE GPU computes per stage: the sum over its experts of each
                 expert's expected routed rows, ``min(capacity, share_e * T * top_k)``. With a
                 uniform router this is ``experts x T top_k / E``; with a measured skewed load it
@@ -33,19 +33,19 @@ MoE pool (``m = N - k`` GPUs):
 
 Each feature is divided by its value at the reference split under a uniform router, so a
 coefficient reads "seconds this term takes at the reference split" and all features are 1 there.
-The reference is the layout the seed's coefficients describe (``balance.time_coef_layout``: the
-seed's 4 x 4 at 12), or, when that is null, the configured layout at ``cluster.attention_gpus``.
+The reference is the layout the methodology's coefficients describe (``balance.time_coef_layout``: the
+methodology's 4 x 4 at 12), or, when that is null, the configured layout at ``cluster.attention_gpus``.
 A fixed reference makes every layout's prior the same function of its GPUs' work: anchored at
-the configured layout instead, the seed's formula, which hardly depends on the layout, would
-price any layout run as if it were the seed's.
+the configured layout instead, the methodology's formula, which hardly depends on the layout, would
+price any layout run as if it were the methodology's.
 
-The prior (``seed_prior``): at the reference split the prior mean reproduces the seed's formula
+The prior (``methodology_prior``): at the reference split the prior mean reproduces the methodology's formula
 exactly. Its constant goes to ``constant``; for attention, the shape terms ``c1 seq + c2 hidden``
 are split between ``heads`` and ``tokens`` in proportion to their flops at the reference split;
 for MoE, ``c1 expert_hidden`` goes to ``rows`` and ``c2 active_experts`` to ``experts``.
 ``bytes`` and ``sources`` start at zero: the runtime's stage timers measure compute only
 (transfer waits are timed apart), so these terms are there to be learned if a schedule ever
-folds transfers into the stage time. The seed's formula itself does not depend on ``k`` (only
+folds transfers into the stage time. The methodology's formula itself does not depend on ``k`` (only
 through ``active_experts``); this split of it into per-GPU work terms is what lets the model
 say what another split would cost.
 """
@@ -69,7 +69,7 @@ MOE_TERMS = ("constant", "experts", "rows", "sources")
 
 # Memory-bound elementwise work (LayerNorms, residuals, dropout, dispatch/combine copies) per
 # hidden element of a token, in flop-equivalents. Rough on purpose: it only sets how the prior
-# splits the seed's attention time between head work and token work; measurements refit it.
+# splits the methodology's attention time between head work and token work; measurements refit it.
 ELEMENTWISE_FLOPS_PER_ELEMENT = 100.0
 
 
@@ -206,14 +206,14 @@ class Workload:
 
     # -- prior --------------------------------------------------------------------------------
 
-    def seed_times(self) -> Tuple[float, float]:
-        """The seed's formula at the reference split: (T_attention, T_moe) in seconds."""
+    def methodology_times(self) -> Tuple[float, float]:
+        """The methodology's formula at the reference split: (T_attention, T_moe) in seconds."""
         return (attention_time(self.attn_time_coef, self.seq_length, self.hidden_size),
                 moe_time(self.moe_time_coef, self.expert_hidden, self._reference.experts))
 
-    def seed_prior(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    def methodology_prior(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """Prior means of the coefficients (seconds each term takes at the reference split),
-        summing to the seed's prediction there. See the module docstring for the allocation."""
+        summing to the methodology's prediction there. See the module docstring for the allocation."""
         (a0, a1, a2), (m0, m1, m2) = self.attn_time_coef, self.moe_time_coef
         shape_terms = a1 * self.seq_length + a2 * self.hidden_size
         head_share, token_share = self.work_shares()
@@ -223,11 +223,11 @@ class Workload:
 
     def prior_stage_times(self, s: SplitShape) -> Tuple[float, float]:
         """(T_attention, T_moe) seconds per stage of the busiest GPUs ``s`` under the prior:
-        ``seed_prior . features_of(s)``. It is what the controller's predictor predicts before its
+        ``methodology_prior . features_of(s)``. It is what the controller's predictor predicts before its
         first measurement (``control.predictor``: scale x shares . features, the same product),
         and what the planner scores layouts with, so the two cannot disagree."""
         x_a, x_m = self.features_of(s)
-        prior_a, prior_m = self.seed_prior()
+        prior_a, prior_m = self.methodology_prior()
         return (sum(w * x for w, x in zip(prior_a, x_a)), sum(w * x for w, x in zip(prior_m, x_m)))
 
     def work_shares(self) -> Tuple[float, float]:

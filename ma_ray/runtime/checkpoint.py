@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, first_line
 from ma_ray.runtime.links import worker_name
 from ma_ray.runtime.migration import owned_names
 from ma_ray.storage import storage_error
@@ -209,4 +209,4 @@ def read_meta(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path}: unreadable ({first_line(exc)})") from None

@@ -30,7 +30,7 @@ from typing import NoReturn, Optional
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, message_line
 
 AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for its token authentication: "token" or "disabled"
 
@@ -43,8 +43,8 @@ class NoJobReachable(MaRayError):
     """Nothing answers at a cluster address (``join_cluster``)."""
 
 
-def connect(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
-            connect_timeout_s: float = 5.0, log_to_driver: bool = True) -> None:
+def init_ray(cluster_cfg, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
+             connect_timeout_s: float = 5.0, log_to_driver: bool = True) -> None:
     """Attach to Ray: the running session if any, a new emulated node, or ``cluster.address``
     (joined within ``connect_timeout_s``, ``control.connect_timeout_s``). ``log_to_driver``:
     print the actors' output here (else it stays in Ray's logs)."""
@@ -108,7 +108,7 @@ def join_cluster(address: Optional[str], namespace: Optional[str], timeout_s: fl
     try:
         resolved = canonicalize_bootstrap_address(given)
     except (ValueError, ConnectionError) as exc:
-        raise NoJobReachable(f"no ma-ray job reachable at {given}: {_first_line(exc)}") from None
+        raise NoJobReachable(f"no ma-ray job reachable at {given}: {message_line(exc)}") from None
     if resolved is None:
         raise NoJobReachable("no ma-ray job reachable: no Ray cluster runs on this machine")
     shown = resolved if given == "auto" else given
@@ -125,7 +125,7 @@ def join_cluster(address: Optional[str], namespace: Optional[str], timeout_s: fl
     try:
         ray.init(address=resolved, namespace=namespace, logging_level="warning", log_to_driver=log_to_driver)
     except ConnectionError as exc:
-        raise NoJobReachable(f"no ma-ray job reachable at {shown}: {_first_line(exc)}") from None
+        raise NoJobReachable(f"no ma-ray job reachable at {shown}: {message_line(exc)}") from None
     return resolved
 
 
@@ -133,7 +133,7 @@ def _use_token_auth(only_with_a_token: bool) -> None:
     """Turn Ray's token authentication on for this process and its children, unless
     ``RAY_AUTH_MODE`` says otherwise; ``only_with_a_token``: only when this machine has a token.
 
-    A client joins with the token when this machine has one: the clusters ``connect`` starts,
+    A client joins with the token when this machine has one: the clusters ``init_ray`` starts,
     and Ray's local clusters by default, require it, while Ray sends it on its own only to a
     cluster it finds by itself, never at an address. A cluster without authentication ignores
     it. Ray's own switch, since its config is cached at import: the variable alone would reach
@@ -144,11 +144,6 @@ def _use_token_auth(only_with_a_token: bool) -> None:
                                                                          _enable_token_auth)
     if not only_with_a_token or AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_auth()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def metrics_address() -> Optional[str]:

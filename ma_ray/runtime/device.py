@@ -67,13 +67,13 @@ def sleep_until(deadline: float, clock: Callable[[], float] = time.perf_counter)
         time.sleep(remaining)
 
 
-def cuda_priority(seed_priority: int, priority_range) -> int:
+def cuda_priority(methodology_priority: int, priority_range) -> int:
     """The method's stream priority (``comm.attention_stream_priority`` 0: high,
     ``comm.moe_stream_priority`` 1: normal) on CUDA's scale, ``priority_range`` = a CUDA stream's
     ``priority_range()`` = (least, greatest), where a lower number is a higher priority: 0 is the
     greatest; anything else the least, CUDA's default and the NCCL streams'."""
     least, greatest = priority_range
-    return greatest if seed_priority == 0 else least
+    return greatest if methodology_priority == 0 else least
 
 
 class RealDevice:

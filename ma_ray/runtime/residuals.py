@@ -15,7 +15,7 @@ On disk: ``residuals/node{n}-gpu{g}.pt`` in a checkpoint folder (``runtime.worke
 reads them; a worker opens only its node's files), each with its size and SHA-256 in the
 checkpoint's table like a shard's, so a damaged one rejects the checkpoint. Across a rebalance: each old attention
 worker's parts travel through the object store to the new workers of its node
-(``runtime.job``).
+(``runtime.worker_set``).
 
 A sharded residual is what a worker of replica ``r`` has not yet sent of its heads' or experts'
 gradients to its counterparts (``Role.shard_residuals``), by global name, so it is

@@ -36,6 +36,7 @@ from ma_ray.runtime.step_metrics import WorkerStepResult
 from ma_ray.runtime.timing import COMPRESSION
 from ma_ray.runtime.transport import ChunkTransport, ModelledBlockTransport
 from ma_ray.runtime.worker_group import ONE_TO_ALL, PER_SLOT, dispatch
+from ma_ray.errors import first_line
 from ma_ray.storage import storage_error
 
 LOOPBACK = "127.0.0.1"
@@ -85,8 +86,7 @@ class Worker:
             self.torch_device, c.attention_stream_priority if me.is_attention else c.moe_stream_priority)
         def reducer():
             return cross_node_reducer(c.gradient_compression,
-                                      CompressionSettings(c.sparsification_ratio, c.quantization_bits,
-                                                          c.compression_block_size),
+                                      CompressionSettings.of(c),
                                       timed=lambda: device.compute(COMPRESSION),
                                       warmup_steps=c.compression_warmup_steps)
         # An emulated cluster is this machine: its groups listen on loopback only.
@@ -228,9 +228,7 @@ def _read_checkpoint(folder: str, names, loaded: Dict[str, int]) -> Iterator[dic
         try:
             whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - torch's errors for a bad file are many and long
-            text = str(exc).strip()
-            raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: "
-                                  f"{text.splitlines()[0] if text else ''})") from None
+            raise CheckpointError(f"checkpoint {path}: unreadable ({first_line(exc)})") from None
         part = restrict(whole, names)
         if any(part[key] for key in TENSOR_KEYS):
             loaded[path.name] = payload_bytes(part)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ma_ray.errors import MaRayError
+from ma_ray.errors import MaRayError, first_line
 
 ONE_TO_ALL = "one_to_all"
 PER_SLOT = "per_slot"
@@ -37,14 +37,17 @@ _ATTR = "_ma_ray_dispatch"
 class WorkerCallFailed(MaRayError, RuntimeError):
     """A group call failed on some workers; the message names each and its first error line.
     ``operation`` is the call's label and ``failures`` maps each failed worker (as ``describe``
-    names it) to its first error line, for the failure's record; ``started_at`` (wall clock) and
-    ``timeout_s`` are the call's start and bound, when it was a group call."""
+    names it) to its first error line, for the failure's record; ``error_types`` maps those that
+    raised to their exception's type name (a stalled worker raised nothing); ``started_at`` (wall
+    clock) and ``timeout_s`` are the call's start and bound, when it was a group call."""
 
     def __init__(self, message: str, operation: str = "", failures: Optional[Dict[str, str]] = None,
-                 started_at: Optional[float] = None, timeout_s: Optional[float] = None):
+                 started_at: Optional[float] = None, timeout_s: Optional[float] = None,
+                 error_types: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.operation = operation
         self.failures = dict(failures or {})
+        self.error_types = dict(error_types or {})
         self.started_at, self.timeout_s = started_at, timeout_s
 
 
@@ -61,11 +64,9 @@ def dispatch(mode: str, label: str, blocking: bool = True, num_returns: Optional
     return mark
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line`` of what went wrong on a worker (the cause under Ray's wrapper)."""
-    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else type(cause).__name__}"
+def worker_error(exc: BaseException) -> BaseException:
+    """What went wrong on a worker: the cause under Ray's wrapper."""
+    return exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
 
 
 class WorkerGroup:
@@ -120,7 +121,7 @@ class WorkerGroup:
         deadline = started + timeout_s
         slot_of = {ref: slot for slot, ref in refs.items()}
         pending: List = list(refs.values())
-        results, failures = {}, {}
+        results, failures, error_types = {}, {}, {}
         settled = False
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
@@ -133,7 +134,8 @@ class WorkerGroup:
             try:
                 results[slot] = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                failures[slot] = first_line(exc)
+                failures[slot] = first_line(worker_error(exc))
+                error_types[slot] = type(worker_error(exc)).__name__
                 deadline = min(deadline, time.monotonic() + self.grace_s)
         for ref in pending:
             failures[slot_of[ref]] = f"no answer within {time.monotonic() - started:.0f} s (a stall)"
@@ -144,7 +146,7 @@ class WorkerGroup:
             named = {self.describe(slot): why for slot, why in sorted(failures.items())}
             listed = "; ".join(f"{who}: {why}" for who, why in named.items())
             raise WorkerCallFailed(f"{what} failed on {len(failures)} of {len(refs)} workers: {listed}", what, named,
-                                   started_at, timeout_s)
+                                   started_at, timeout_s, {self.describe(slot): t for slot, t in error_types.items()})
         return results
 
     def kill(self) -> None:

@@ -14,8 +14,8 @@ from ma_ray.config import Config, ConfigError, check_split
 from ma_ray.data import build_dataset
 from ma_ray.verify.compare import gradient_error, parameter_error, scalar_relative_error
 from ma_ray.verify.reference_trainer import ReferenceTrainer
-from ma_ray.runtime.cluster import connect
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.cluster import init_ray
+from ma_ray.runtime.worker_set import WorkerSet
 
 TOLERANCE = 1e-5  # fp64 and fp32: every figure, the initial parameters included
 
@@ -54,9 +54,9 @@ def steps_to_verify(steps: Optional[int], rebalances: Dict[int, int]) -> int:
     return steps or max([2, *(step + 1 for step in rebalances)])
 
 
-def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, precision: str = "fp64",
+def verify(cfg: Config, steps: int = 2, precision: str = "fp64",
            torch_threads: Optional[int] = 1, rebalances: Optional[Dict[int, int]] = None) -> dict:
-    """Run ``steps`` steps both ways; the report's ``ok`` holds when every error is within TOLERANCE
+    """Run ``steps`` steps both ways, at ``cfg``'s split; the report's ``ok`` holds when every error is within TOLERANCE
     (bf16: the loss and gradient errors within BF16_TOLERANCE); it is None, with the reason, when
     gradient compression makes the run inexact by design.
 
@@ -75,8 +75,8 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
             raise ConfigError(f"--rebalance: step {step} is not between 1 and --steps - 1 ({steps - 1})")
         check_split(cfg, k, key=f"--rebalance {step}:{k}")
     dataset = build_dataset(cfg)
-    connect(cfg.cluster)
-    job = TrainingJob(cfg, dataset, attention_gpus, torch_threads=torch_threads)
+    init_ray(cfg.cluster)
+    job = WorkerSet(cfg, dataset, torch_threads=torch_threads)
     try:
         reference = ReferenceTrainer(cfg)
         init_std = cfg.model.initializer_range
@@ -84,7 +84,7 @@ def verify(cfg: Config, attention_gpus: Optional[int] = None, steps: int = 2, pr
         per_step, migrations = [], []
         for step in range(steps):
             if step in rebalances:
-                migrations.append({"before_step": step, **job.apply_split(rebalances[step])})
+                migrations.append({"before_step": step, **job.move_to(rebalances[step])})
             got = job.step(step)
             want = reference.step([dataset.micro_batch(step, i) for i in range(dataset.grad_accum)])
             # Every replica against the reference: each must hold the whole step's gradients.

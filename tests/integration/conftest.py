@@ -18,7 +18,7 @@ import ray
 
 from ma_ray import config as C
 from ma_ray.comm.torch_backend import STRICT_ENV
-from ma_ray.runtime.cluster import connect
+from ma_ray.runtime.cluster import init_ray
 
 os.environ.setdefault(STRICT_ENV, "1")  # before any Ray starts: its workers and subprocesses inherit it
 # Gauges reach the node's /metrics within a second instead of ten (test_job_identity scrapes them).
@@ -38,7 +38,7 @@ def free_port() -> int:
 def ray_cluster():
     """The shared emulated cluster, with a Prometheus endpoint (``cluster.metrics_export_port``)."""
     if not ray.is_initialized():
-        connect(C.load(LOCAL, [f"cluster.metrics_export_port={free_port()}"]).cluster, num_cpus=2)
+        init_ray(C.load(LOCAL, [f"cluster.metrics_export_port={free_port()}"]).cluster, num_cpus=2)
     yield
     ray.shutdown()
 

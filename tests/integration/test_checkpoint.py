@@ -15,7 +15,7 @@ from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.verify.compare import parameter_error
 from ma_ray.runtime import checkpoint, residuals
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.storage import StorageError
 from ma_ray.verify import TOLERANCE, exact_settings
@@ -32,7 +32,7 @@ def cfg(ray_cluster):
 
 def test_resume_on_another_split_continues_the_run(cfg, tmp_path):
     dataset = build_dataset(cfg)
-    straight = TrainingJob(cfg, dataset, 4, torch_threads=1)
+    straight = WorkerSet(cfg.with_split(4), dataset, torch_threads=1)
     try:
         for step in range(2):
             straight.step(step)
@@ -44,7 +44,7 @@ def test_resume_on_another_split_continues_the_run(cfg, tmp_path):
         straight.shutdown()
     assert checkpoint.latest(tmp_path) == folder and checkpoint.read_meta(folder)["attention_gpus"] == 4
 
-    resumed = TrainingJob(cfg, dataset, 2, torch_threads=1, checkpoint=str(folder))
+    resumed = WorkerSet(cfg.with_split(2), dataset, torch_threads=1, checkpoint=str(folder))
     try:
         assert resumed.plan.attention_gpus == 2
         got_losses = [resumed.step(step).loss for step in range(2, 5)]
@@ -66,7 +66,7 @@ def test_compression_residuals_are_training_state(cfg, tmp_path):
     cfg = cfg.replace(**{"comm.gradient_compression": "topk", "comm.compression_block_size": 16,
                          "comm.compression_warmup_steps": 1})
     dataset = build_dataset(cfg)
-    straight = TrainingJob(cfg, dataset, 4, torch_threads=1)
+    straight = WorkerSet(cfg.with_split(4), dataset, torch_threads=1)
     try:
         for step in range(2):
             straight.step(step)
@@ -74,7 +74,7 @@ def test_compression_residuals_are_training_state(cfg, tmp_path):
         saved = straight.residuals_by_node()
         losses = [straight.step(step).loss for step in range(2, 4)]
         before_move = straight.residuals_by_node()
-        straight.apply_split(5)  # 2 + 2 attention GPUs per node become 2 + 3: every piece changes
+        straight.move_to(5)  # 2 + 2 attention GPUs per node become 2 + 3: every piece changes
         after_move = straight.residuals_by_node()
     finally:
         straight.shutdown()
@@ -84,12 +84,12 @@ def test_compression_residuals_are_training_state(cfg, tmp_path):
     for node in before_move:
         assert torch.equal(after_move[node], before_move[node])
 
-    same = TrainingJob(cfg, dataset, 4, torch_threads=1, checkpoint=str(folder))
+    same = WorkerSet(cfg.with_split(4), dataset, torch_threads=1, checkpoint=str(folder))
     try:
         assert [same.step(step).loss for step in range(2, 4)] == losses
     finally:
         same.shutdown()
-    other = TrainingJob(cfg, dataset, 2, torch_threads=1, checkpoint=str(folder))  # one attention GPU a node
+    other = WorkerSet(cfg.with_split(2), dataset, torch_threads=1, checkpoint=str(folder))  # one attention GPU a node
     try:
         moved = other.residuals_by_node()
     finally:
@@ -106,7 +106,7 @@ def test_compression_residuals_are_training_state(cfg, tmp_path):
 
 
 def test_failed_save_leaves_the_previous_checkpoint(cfg, tmp_path):
-    job = TrainingJob(cfg, build_dataset(cfg), 4, torch_threads=1)
+    job = WorkerSet(cfg.with_split(4), build_dataset(cfg), torch_threads=1)
     try:
         job.step(0)
         first = checkpoint.save(job, tmp_path, 0)
@@ -163,7 +163,7 @@ def test_damaged_checkpoints_are_named_and_passed_over(cfg, tmp_path):
     bit-flipped shard is named in one line, the newest intact checkpoint is taken instead, and
     ``at_step`` picks one by hand. Old checkpoints beyond ``keep`` are deleted as new ones land,
     and what a crashed save left behind is cleaned up."""
-    job = TrainingJob(cfg, build_dataset(cfg), 4, torch_threads=1)
+    job = WorkerSet(cfg.with_split(4), build_dataset(cfg), torch_threads=1)
     try:
         folders = []
         for step in range(3):
@@ -197,7 +197,7 @@ def test_damaged_checkpoints_are_named_and_passed_over(cfg, tmp_path):
 
 
 def test_a_full_disk_and_a_read_only_folder_are_one_line(cfg, small_mount):
-    job = TrainingJob(cfg, build_dataset(cfg), 4, torch_threads=1)
+    job = WorkerSet(cfg.with_split(4), build_dataset(cfg), torch_threads=1)
     try:
         job.step(0)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,ro", "tmpfs", str(small_mount)], check=True)

@@ -10,7 +10,7 @@ import pytest
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.parallel.emulation import stand_in_config
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 
 
 def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
@@ -26,7 +26,7 @@ def test_emulated_job_measures_the_time_model(ray_cluster, tmp_path):
     losses = {}
 
     def run(cfg, steps=3):
-        job = TrainingJob(cfg, build_dataset(stand_in_config(cfg)), torch_threads=1)
+        job = WorkerSet(cfg, build_dataset(stand_in_config(cfg)), torch_threads=1)
         try:
             return [job.step(step) for step in range(steps)]
         finally:

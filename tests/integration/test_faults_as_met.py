@@ -5,7 +5,7 @@ a run writes to it (a tmpfs of its own, remounted or filled by this process).
 
 2 nodes x 2 emulated GPUs, the tiny model of ``live-job.yaml``, synthetic data. ``ma-ray train``
 runs as a user runs it where the terminal or the exit code is the point; elsewhere ``train`` or a
-``TrainingJob`` runs in this process on the shared cluster.
+``WorkerSet`` runs in this process on the shared cluster.
 """
 
 import errno
@@ -32,7 +32,7 @@ from ma_ray.control.metrics_log import MetricsLog
 from ma_ray.data import build_dataset
 from ma_ray.errors import JobFailed
 from ma_ray.run_folder import new_job_id
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.storage import StorageError
 from ma_ray.train import train
 
@@ -87,7 +87,7 @@ def test_a_worker_stalled_in_a_save_is_found_by_the_saves_own_deadline(cfg, tmp_
     try:
         wait_for_step(out, 3, thread.is_alive)  # the save after step 2 is written
         controller = ray.get_actor(controller_name(cfg.control.name, job_id), namespace=cfg.control.namespace)
-        workers = ray.get(controller.__ray_call__.remote(lambda c: c.job.workers.actors))
+        workers = ray.get(controller.__ray_call__.remote(lambda c: c.worker_set.workers.actors))
         ray.get(workers[(1, 1)].__ray_call__.remote(_stop_in_next_save))  # after step 5, it stops
         thread.join(timeout=300)
     finally:
@@ -169,7 +169,7 @@ def _poison_next_step(worker) -> None:
 def test_a_skipped_step_under_topk_leaves_the_residuals_as_they_were(cfg):
     topk = cfg.replace(**{"comm.gradient_compression": "topk", "comm.compression_warmup_steps": 0,
                           "train.on_nonfinite": "skip"})
-    job = TrainingJob(topk, build_dataset(topk), torch_threads=1)
+    job = WorkerSet(topk, build_dataset(topk), torch_threads=1)
     try:
         for step in range(2):
             assert not job.step(step).skipped

@@ -1,10 +1,10 @@
-"""Host synchronisations of a train step, counted inside the real workers (issue 15).
+"""Host synchronisations of a train step, counted inside the real workers.
 
 On a GPU, every read of a device value on the host, every op whose output size depends on the
 data and every blocking copy of host data to the device makes the host wait until the device has
 caught up: the host stops launching work, and the overlap of the two pools is gone. On CPU
 nothing waits, but the calls can be seen. ``SyncProbe`` wraps them in each worker process of a
-real ``TrainingJob`` on the shared emulated cluster, installed and read back through Ray's
+real ``WorkerSet`` on the shared emulated cluster, installed and read back through Ray's
 ``__ray_call__`` on the job's own worker actors; it counts the calls made under
 ``Role.train_step`` (on any other thread, or outside the step, nothing is counted), each by the
 innermost ``ma_ray`` frame that made it and the schedule op it ran in (``step`` outside the ops):
@@ -44,7 +44,7 @@ from ray import cloudpickle
 
 from ma_ray import config as C
 from ma_ray.data import build_dataset
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 
 LOCAL = "cluster/local-cpu.yaml"
 STEP = "step"  # the phase of a call outside the schedule's ops
@@ -241,7 +241,7 @@ def test_host_syncs_per_layer_and_micro_batch_fit_the_budget(ray_cluster):
     layers, micro = cfg.model.num_layers, cfg.train.gradient_accumulation_steps
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this file
     try:
-        job = TrainingJob(cfg, build_dataset(cfg), attention_gpus=2, torch_threads=1)
+        job = WorkerSet(cfg.with_split(2), build_dataset(cfg), torch_threads=1)
         try:
             job.step(0)  # the optimizer's state exists from the first step on: count a later one
             actors = job.workers.actors

@@ -36,7 +36,7 @@ from ma_ray.parallel.diff import diff_plans
 from ma_ray.parallel.emulation import stand_in_config
 from ma_ray.parallel.placement import ATTENTION
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.runtime.links import worker_name
 from ma_ray.runtime.migration import payload_bytes
 
@@ -238,7 +238,7 @@ def test_rebalance_ships_only_what_moves_and_leaves_no_actors_behind(local_cfg):
     in the world group and the attention pool's two levels) stand for the old groups';
     the rebalance removes them with the groups, so the count of named actors is as it was."""
     actors_before_job = named_actors()
-    job = TrainingJob(local_cfg, build_dataset(local_cfg), torch_threads=1)
+    job = WorkerSet(local_cfg, build_dataset(local_cfg), torch_threads=1)
     try:
         job.step(0)
         actors_with_job = named_actors()
@@ -252,7 +252,7 @@ def test_rebalance_ships_only_what_moves_and_leaves_no_actors_behind(local_cfg):
         for k in (10, 13):
             old_plan = job.plan
             before = full_state(job)
-            result = job.apply_split(k)
+            result = job.move_to(k)
             after = full_state(job)
             assert_same_state(after, before)  # moved, not changed
             check_receipts(result["received_bytes"], before, old_plan, job.plan)
@@ -291,7 +291,7 @@ def test_resume_reads_only_the_names_each_worker_holds(ray_cluster, tmp_path):
     without it every shard is opened and still only its names are read)."""
     cfg = small_cfg()
     dataset = build_dataset(cfg)
-    job = TrainingJob(cfg, dataset, 4, torch_threads=1)
+    job = WorkerSet(cfg.with_split(4), dataset, torch_threads=1)
     try:
         job.step(0)
         folder = checkpoint.save(job, tmp_path, 0)
@@ -303,7 +303,7 @@ def test_resume_reads_only_the_names_each_worker_holds(ray_cluster, tmp_path):
     for k, index in ((2, True), (3, False)):
         if not index:
             (folder / "shards.json").unlink()
-        job = TrainingJob(cfg, dataset, k, torch_threads=1, checkpoint=str(folder))
+        job = WorkerSet(cfg.with_split(k), dataset, torch_threads=1, checkpoint=str(folder))
         try:
             assert_same_state(full_state(job), saved)
             seen = probe(job, _probe)
@@ -331,13 +331,13 @@ def measure(cfg, k_from=None, k_to=10, root: Path = None) -> dict:
     for the rebalance and for a resume (on ``k_from``) from a checkpoint of the result."""
     data_cfg = stand_in_config(cfg) if cfg.emulation.modelled_compute else cfg
     dataset = build_dataset(data_cfg)
-    job = TrainingJob(cfg, dataset, k_from, torch_threads=1)
+    job = WorkerSet(cfg.with_split(k_from), dataset, torch_threads=1)
     try:
         job.step(0)
         before_state = full_state(job)
         before = probe(job, _probe)
         probe(job, _reset_peak)
-        result = job.apply_split(k_to)
+        result = job.move_to(k_to)
         private = probe(job, _private_peak)
         migration = migration_overhead(before, probe(job, _probe), private)
         new_whole = sum(bytes_of(before_state, held(before_state, g)) for g in job.plan.gpus)
@@ -346,7 +346,7 @@ def measure(cfg, k_from=None, k_to=10, root: Path = None) -> dict:
         job.shutdown()
     peaks = {}
     for start in (None, str(folder)):
-        job = TrainingJob(cfg, dataset, k_from, torch_threads=1, checkpoint=start)
+        job = WorkerSet(cfg.with_split(k_from), dataset, torch_threads=1, checkpoint=start)
         try:
             peaks[start] = probe(job, _probe)
         finally:
@@ -395,9 +395,9 @@ def main(argv=None) -> int:
     parser.add_argument("--to", dest="k_to", type=int, default=10)
     parser.add_argument("--out", default="/tmp/ma-ray-migration-io")
     args = parser.parse_args(argv)
-    from ma_ray.runtime.cluster import connect
+    from ma_ray.runtime.cluster import init_ray
     cfg = C.load(args.config, args.set)
-    connect(cfg.cluster, num_cpus=2)
+    init_ray(cfg.cluster, num_cpus=2)
     root = Path(args.out)
     figures = measure(cfg, args.k_from, args.k_to, root)
     print(json.dumps({"summary": summary(figures), **figures}, indent=1))

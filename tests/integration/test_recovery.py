@@ -26,7 +26,7 @@ import torch
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.errors import JobFailed
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.run_folder import new_job_id
 from ma_ray.train import LOG, train
 
@@ -170,7 +170,7 @@ def test_a_nonfinite_step_is_never_applied(recovery_cfg, tmp_path):
     finite: no worker applies it (skip), and with ``train.on_nonfinite=stop`` the run ends with
     one line naming the step."""
     cfg = recovery_cfg.replace(**{"train.learning_rate": 1e30, "train.on_nonfinite": "skip"})
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         assert not job.step(0).skipped
         before = job.export()

@@ -11,7 +11,7 @@ import pytest
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.runtime import checkpoint
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.verify import TOLERANCE, exact_settings, verify
 from ma_ray.verify.compare import gradient_error, parameter_error
 from ma_ray.verify.reference_trainer import ReferenceTrainer
@@ -59,7 +59,7 @@ def test_a_checkpoint_resumes_with_other_replicas_on_another_split(tmp_path):
         return exact_settings(replicated(replicas, 6, **{"train.warmup_steps": 1}), "fp64")
 
     dataset = build_dataset(config(2))
-    straight = TrainingJob(config(2), dataset, 2, torch_threads=1)
+    straight = WorkerSet(config(2).with_split(2), dataset, torch_threads=1)
     try:
         for step in range(2):
             straight.step(step)
@@ -72,7 +72,7 @@ def test_a_checkpoint_resumes_with_other_replicas_on_another_split(tmp_path):
                                                            "node1-gpu1.pt"]  # replica 0's only
 
     for replicas, k in ((1, 3), (3, 1)):
-        resumed = TrainingJob(config(replicas), dataset, k, torch_threads=1, checkpoint=str(folder))
+        resumed = WorkerSet(config(replicas).with_split(k), dataset, torch_threads=1, checkpoint=str(folder))
         try:
             got_losses = [resumed.step(step).loss for step in range(2, 4)]
             got = resumed.export_replicas()
@@ -91,7 +91,7 @@ def test_bf16_sums_the_sharded_gradients_across_replicas_in_bf16():
     cfg = exact_settings(replicated(2, 2, **{"comm.hierarchical_allreduce": True,
                                              "comm.gradient_compression": "bf16"}), "fp64")
     dataset = build_dataset(cfg)
-    job = TrainingJob(cfg, dataset, 2, torch_threads=1)
+    job = WorkerSet(cfg.with_split(2), dataset, torch_threads=1)
     try:
         job.step(0)
         got = job.export("grad")
@@ -117,12 +117,12 @@ def test_topk_residuals_across_replicas_move_with_their_heads_and_experts(tmp_pa
                                                          "comm.compression_warmup_steps": 0}), "fp64")
 
     dataset = build_dataset(config(2))
-    straight = TrainingJob(config(2), dataset, 2, torch_threads=1)
+    straight = WorkerSet(config(2).with_split(2), dataset, torch_threads=1)
     try:
         for step in range(2):
             straight.step(step)
         before = straight.export_replicas("shard_residual")
-        straight.apply_split(3)
+        straight.move_to(3)
         after = straight.export_replicas("shard_residual")
         folder = checkpoint.save(straight, tmp_path, 1)
         losses = [straight.step(step).loss for step in range(2, 4)]
@@ -145,7 +145,7 @@ def test_topk_residuals_across_replicas_move_with_their_heads_and_experts(tmp_pa
         return len(got) == len(want) and all(set(g) == set(w) and all(g[n].equal(w[n]) for n in w)
                                              for g, w in zip(got, want))
 
-    resumed = TrainingJob(config(2), dataset, 3, torch_threads=1, checkpoint=str(folder))
+    resumed = WorkerSet(config(2).with_split(3), dataset, torch_threads=1, checkpoint=str(folder))
     try:
         assert same(resumed.export_replicas("shard_residual"), after)
         assert [resumed.step(step).loss for step in range(2, 4)] == losses
@@ -153,7 +153,7 @@ def test_topk_residuals_across_replicas_move_with_their_heads_and_experts(tmp_pa
         resumed.shutdown()
 
     # One replica has no counterparts: both replicas' residuals go with its next gradients.
-    fewer = TrainingJob(config(1), dataset, 3, torch_threads=1, checkpoint=str(folder))
+    fewer = WorkerSet(config(1).with_split(3), dataset, torch_threads=1, checkpoint=str(folder))
     try:
         assert same(fewer.export_replicas("shard_residual"), [{n: after[0][n] + after[1][n] for n in names}])
         fewer.step(2)

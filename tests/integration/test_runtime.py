@@ -14,7 +14,7 @@ import ray
 from ma_ray import config as C
 from ma_ray.data import build_dataset
 from ma_ray.runtime.cluster import ClusterError
-from ma_ray.runtime.job import TrainingJob
+from ma_ray.runtime.worker_set import WorkerSet
 from ma_ray.runtime.worker_group import WorkerCallFailed
 from ma_ray.verify import TOLERANCE, verify
 from ma_ray.verify.run import BF16_TOLERANCE
@@ -68,7 +68,7 @@ def test_local_preset_matches_reference():
 ], ids=["k4-top1-drops", "k2-top2-drops", "k5-one-moe-gpu", "k3-two-in-flight", "k4-idle-moe-gpu"])
 def test_uneven_splits_match_reference(case):
     cfg = small(**case["over"])
-    report = verify(cfg, attention_gpus=case["k"], steps=2)
+    report = verify(cfg.with_split(case["k"]), steps=2)
     assert report["attention_gpus"] == case["k"]
     assert_verified(report)
 
@@ -81,14 +81,14 @@ def test_pipelined_chunked_schedule_matches_reference(in_flight, k):
     cfg = small(**{"schedule.micro_batches_in_flight": in_flight, "schedule.communication_chunk_size": 3,
                    "schedule.max_concurrent_communications": 2, "train.batch_size": 12,
                    "train.gradient_accumulation_steps": 4, "moe.capacity_factor": 0.75})
-    report = verify(cfg, attention_gpus=k, steps=2)
+    report = verify(cfg.with_split(k), steps=2)
     assert report["attention_gpus"] == k
     assert_verified(report)
 
 
 def test_capacity_drops_are_exercised():
     cfg = small(**{"moe.capacity_factor": 0.5})
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         metrics = job.step(0)
     finally:
@@ -111,7 +111,7 @@ def test_cluster_too_small_fails_fast_with_one_line():
                    "model.num_attention_heads": 6, "moe.num_experts": 28})
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as err:
-        TrainingJob(cfg, build_dataset(cfg))
+        WorkerSet(cfg, build_dataset(cfg))
     assert time.monotonic() - t0 < 30
     message = str(err.value)
     assert "\n" not in message and "needed 8 node(s) x 4 GPU(s) = 32 GPUs" in message and "16 GPU(s)" in message
@@ -119,7 +119,7 @@ def test_cluster_too_small_fails_fast_with_one_line():
 
 def test_dead_worker_fails_the_step_with_a_named_error():
     cfg = small(**{"comm.synchronization_timeout_ms": 2000})
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         job.step(0)
 
@@ -147,7 +147,7 @@ def test_dead_worker_fails_the_step_with_a_named_error():
 
 def test_rebalance_across_role_changes_matches_reference():
     # 4 -> 2 attention GPUs (two GPUs become MoE workers), then 2 -> 5 (three become attention).
-    report = verify(small(**{"moe.capacity_factor": 0.75}), attention_gpus=4, steps=4, rebalances={1: 2, 3: 5})
+    report = verify(small(**{"moe.capacity_factor": 0.75}).with_split(4), steps=4, rebalances={1: 2, 3: 5})
     assert_verified(report)
     moves = [(m["before_step"], m["attention_gpus"], m["role_changes"]) for m in report["migrations"]]
     assert moves == [(1, 2, 2), (3, 5, 3)]
@@ -164,7 +164,7 @@ def test_splits_of_4x4_match_reference_in_two_levels_and_one(hierarchical, split
                          "schedule.communication_chunk_size=16", "train.batch_size=4",
                          "train.gradient_accumulation_steps=2", "train.micro_batch_size=2",
                          f"comm.hierarchical_allreduce={str(hierarchical).lower()}"])
-    report = verify(cfg, attention_gpus=splits[0], steps=len(splits),
+    report = verify(cfg.with_split(splits[0]), steps=len(splits),
                     rebalances={step: k for step, k in enumerate(splits) if step})
     assert report["ok"], report
     assert [m["attention_gpus"] for m in report["migrations"]] == splits[1:]
@@ -192,7 +192,7 @@ def test_bf16_matches_the_reference_autocast_within_bf16_tolerance():
 
 def test_local_preset_trains_in_bf16_with_activation_checkpointing():
     cfg = C.load(LOCAL, ["train.mixed_precision=bf16", "train.activation_checkpointing=true"])
-    job = TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+    job = WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     try:
         losses = [job.step(step).loss for step in range(5)]
     finally:
@@ -206,7 +206,7 @@ def test_local_preset_trains_in_bf16_with_activation_checkpointing():
 def test_nccl_backend_on_a_cpu_worker_fails_at_set_up_naming_the_key():
     cfg = small(**{"comm.backend": "nccl"})
     with pytest.raises(WorkerCallFailed) as err:
-        TrainingJob(cfg, build_dataset(cfg), torch_threads=1)
+        WorkerSet(cfg, build_dataset(cfg), torch_threads=1)
     text = str(err.value)
     assert "\n" not in text and text.startswith("set-up failed on 6 of 6 workers: node0-gpu0 (attention): "), text
     assert "ConfigError: comm.backend: nccl needs a CUDA device" in text, text

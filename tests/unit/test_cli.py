@@ -127,7 +127,7 @@ def test_train_config_takes_the_asked_split():
     args = build_parser().parse_args(["train", *ASKED_SPLIT, "--emulate-compute"])
     cfg = _train_config(args)
     assert cfg.cluster.attention_gpus == 9 and cfg.emulation.modelled_compute
-    assert make_plan(cfg, args.attention_gpus).attention_gpus == 9
+    assert make_plan(cfg).attention_gpus == 9
     assert stage_durations(cfg).reference[0] == 2  # 10 heads over 9 GPUs: 2 on the busiest
     assert stand_in_config(cfg).cluster.attention_gpus == 9
     assert StageTimePredictor(cfg).workload.reference_k == 9

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ma_ray.comm import compression as C
+from ma_ray.config import CommConfig, ConfigError, load
 from ma_ray.comm.compression import (CompressionSettings, ErrorFeedback, compress, decode,
                                      decompress_add_, decompress_all_add_, from_bf16_wire,
                                      message_bytes, to_bf16_wire)
@@ -260,22 +261,22 @@ def test_kernels_run_on_the_meta_device():
     _run_every_kernel("meta")
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"sparsification_ratio": 0.0}, "sparsification_ratio"),
-    ({"sparsification_ratio": 1.5}, "sparsification_ratio"),
-    ({"sparsification_ratio": float("nan")}, "sparsification_ratio"),
-    ({"quantization_bits": 0}, "quantization_bits"),
-    ({"quantization_bits": 9}, "quantization_bits"),
-    ({"quantization_bits": 4.0}, "quantization_bits"),
-    ({"block_size": 0}, "block_size"),
-    ({"block_size": 65537}, "block_size"),
-    ({"block_size": True}, "block_size"),
+@pytest.mark.parametrize("override", [
+    "comm.sparsification_ratio=0.0", "comm.sparsification_ratio=1.5", "comm.sparsification_ratio=.nan",
+    "comm.quantization_bits=0", "comm.quantization_bits=9", "comm.quantization_bits=4.0",
+    "comm.compression_block_size=0", "comm.compression_block_size=65537", "comm.compression_block_size=true",
 ])
-def test_bad_settings_raise_a_one_line_value_error_naming_the_setting(kwargs, name):
-    with pytest.raises(ValueError) as err:
-        CompressionSettings(**kwargs)
+def test_bad_settings_raise_a_one_line_error_naming_the_key(override):
+    """The compressor's settings are the config's, checked there."""
+    with pytest.raises(ConfigError) as err:
+        load(None, [override])
     text = str(err.value)
-    assert text.startswith(name + ":") and "\n" not in text
+    assert text.startswith(override.partition("=")[0] + ":") and "\n" not in text
+
+
+def test_settings_are_the_configs():
+    assert CompressionSettings() == CompressionSettings.of(CommConfig())
+    assert CompressionSettings.of(load(None, ["comm.compression_block_size=64"]).comm).block_size == 64
 
 
 def test_bad_messages_and_buffers_are_refused():

@@ -328,8 +328,9 @@ def test_every_range_rule_has_a_test():
     listed = {}
     for body, rule in blocks:
         listed[rule.split(",")[0].strip()] = set(re.findall(r'\("([a-z_]+\.[a-z_0-9]+)"', body))
-    assert listed["value >= 1"] == set(AT_LEAST_ONE)
-    assert listed["value >= 0 and math.isfinite(value)"] == set(NOT_NEGATIVE)
+    policy = {"balance.rebalancing_interval", "balance.min_attention_gpus", "balance.imbalance_threshold"}
+    assert listed["value >= 1"] == set(AT_LEAST_ONE) - policy  # the policy's rules: config.check_policy
+    assert listed["value >= 0 and math.isfinite(value)"] == set(NOT_NEGATIVE) - policy
     assert listed["0.0 <= value < 1.0"] == set(PROBABILITIES)
     assert listed["value > 0 and math.isfinite(value)"] == set(BANDWIDTHS)
 
@@ -520,3 +521,20 @@ def test_stream_priorities_are_checked():
         error_of(["comm.attention_stream_priority=-1"])
     assert "comm.moe_stream_priority: must be 0 (high) or more (normal), got -2" in \
         error_of(["comm.moe_stream_priority=-2"])
+
+
+def test_a_split_settled_later_keeps_the_time_models_reference():
+    """A resume or a restart runs at its checkpoint's split (Config.with_split): the config
+    carries the split, and the time model keeps the configured layout as its reference."""
+    from ma_ray.parallel.emulation import stage_durations
+
+    cfg = load("cluster/local-cpu.yaml", ["emulation.modelled_compute=true"])
+    assert cfg.balance.time_coef_layout is None and cfg.cluster.attention_gpus == 12
+    moved = cfg.with_split(10)
+    assert moved.cluster.attention_gpus == 10 and moved.balance.time_coef_layout == [4, 4, 12]
+    assert stage_durations(moved).describe() == stage_durations(cfg).describe()
+    assert cfg.with_split(12) is cfg
+    with pytest.raises(ConfigError, match=r"^attention GPUs: 15 is outside the policy's range \[8, 14\]"):
+        cfg.with_split(15)
+    with pytest.raises(ConfigError, match=r"^K: expected an integer, got bool True$"):
+        cfg.with_split(True, key="K")

@@ -2,8 +2,8 @@
 migration cost, on scripted timing streams (no Ray, no torch).
 
 The streams come from a synthetic "true" cost model: each pool's stage time is a fixed mix of
-the per-GPU work terms of ``control.workload`` (with shares that differ from the seed's prior,
-and a scale orders of magnitude below the seed's, as on a real cluster), times multiplicative
+the per-GPU work terms of ``parallel.workload`` (with shares that differ from the methodology's
+prior, and a scale orders of magnitude below the methodology's, as on a real cluster), times multiplicative
 Gaussian noise. Load shifts scale one pool's time at a chosen step.
 """
 
@@ -115,7 +115,7 @@ def simulate(truth: Truth, steps: int, *, start_k: int = 12, shift_at: Optional[
 
 
 def seed_shaped_truth(cfg: Config, scale_attention: float, scale_moe: float) -> Truth:
-    attention, moe = Workload(cfg).seed_prior()
+    attention, moe = Workload(cfg).methodology_prior()
     return Truth(cfg, tuple(v / sum(attention) for v in attention), tuple(v / sum(moe) for v in moe),
                  scale_attention, scale_moe)
 
@@ -322,7 +322,7 @@ def test_observe_rejects_what_it_cannot_use():
         PredictorSettings(memory_steps=0.5)
     # fit=False: the step is scored, not learnt from
     rec = p.observe(12, 0.01, 0.01, fit=False)
-    assert rec.seed and not rec.fitted and not p.pools["moe"].calibrated
+    assert rec.uncalibrated and not rec.fitted and not p.pools["moe"].calibrated
 
 
 def test_regression_remembers_each_split_until_it_is_measured_again():

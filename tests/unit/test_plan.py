@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ma_ray.config import Config, ConfigError, check_split, load
-from ma_ray.parallel import ATTENTION, MOE, Slot, diff_plans, make_plan, place, predict_stage_times
+from ma_ray.parallel import ATTENTION, MOE, Slot, diff_plans, make_plan, place, plan_of_move, predict_stage_times
 from ma_ray.parallel import memory as M
 from ma_ray.parallel.shares import balanced_ranges, share_counts
 from ma_ray.parallel.split import feasible as split_feasible, split_error
@@ -50,7 +50,7 @@ def every_split():
 
 # --- the seed's layout --------------------------------------------------------------------------
 
-def test_seed_layout_4x4_k12():
+def test_methodology_layout_4x4_k12():
     plan = make_plan(Config())
     assert plan.attention_gpus == 12 and plan.moe_gpus == 4
     assert [len(g.heads) for g in plan.attention_workers()] == [3] * 8 + [2] * 4
@@ -128,7 +128,7 @@ def test_shares():
 
 @pytest.mark.parametrize("cfg, k", every_split())
 def test_balanced_contiguous_and_complete(cfg, k):
-    plan = make_plan(cfg, k)
+    plan = plan_of_move(cfg, k)
     c = cfg.cluster
     assert plan.total_gpus == c.num_nodes * c.gpus_per_node
     assert plan.attention_gpus == k and plan.moe_gpus == plan.total_gpus - k
@@ -153,7 +153,7 @@ def test_balanced_contiguous_and_complete(cfg, k):
 
 @pytest.mark.parametrize("cfg, k", every_split())
 def test_moe_gpus_spread_over_nodes(cfg, k):
-    plan = make_plan(cfg, k)
+    plan = plan_of_move(cfg, k)
     c = cfg.cluster
     per_node = Counter(g.node for g in plan.moe_workers())
     counts = [per_node.get(n, 0) for n in range(c.num_nodes)]
@@ -169,15 +169,18 @@ def test_moe_gpus_spread_over_nodes(cfg, k):
 
 @pytest.mark.parametrize("cfg, k", [p for p in every_split() if p.values[1] > p.values[0].balance.min_attention_gpus])
 def test_one_gpu_step_changes_one_role(cfg, k):
-    d = diff_plans(make_plan(cfg, k - 1), make_plan(cfg, k))
+    d = diff_plans(plan_of_move(cfg, k - 1), plan_of_move(cfg, k))
     assert len(d.role_changes) == 1 and d.role_changes[0].new_role == ATTENTION
 
 
-def test_make_plan_checks_the_split():
+def test_a_config_at_another_split_is_checked():
     with pytest.raises(ConfigError, match="outside"):
-        make_plan(Config(), 15)
+        Config().with_split(15)
     with pytest.raises(ConfigError, match="leaves 0 MoE GPUs"):
-        make_plan(Config().replace(**{"balance.max_attention_gpus": 16}), 16)
+        Config().replace(**{"balance.max_attention_gpus": 16}).with_split(16)
+    with pytest.raises(ConfigError, match="^attention GPUs: 16 leaves 0 MoE GPUs"):
+        plan_of_move(Config(), 16)  # a move's target: the topology's rule, the policy is the caller's
+    assert plan_of_move(Config(), 15).attention_gpus == 15
 
 
 @pytest.mark.parametrize("args, match", [
@@ -227,9 +230,9 @@ def test_config_planner_and_workload_ask_the_same_rule(name):
         want = split_error(k, cfg.total_gpus, heads, experts)
         assert work.feasible(k) == (want is None), k
         assert _error_of(lambda: check_split(cfg, k, within_policy=False)) == want, k
-        assert _error_of(lambda: make_plan(cfg, k, within_policy=False)) == want, k
+        assert _error_of(lambda: plan_of_move(cfg, k)) == want, k
         assert _error_of(lambda: place(c.num_nodes, c.gpus_per_node, k, heads, experts)) == want, k
-        if _error_of(lambda: make_plan(cfg, k)) is None:
+        if _error_of(lambda: cfg.with_split(k)) is None:
             accepted.append(k)
     assert accepted == [k for k in work.splits() if lo <= k <= hi] == list(range(lo, hi + 1))
 
@@ -261,7 +264,7 @@ def check_diff(old, new):
 
 
 def test_diff_12_to_13():
-    old, new = make_plan(Config(), 12), make_plan(Config(), 13)
+    old, new = plan_of_move(Config(), 12), plan_of_move(Config(), 13)
     d = check_diff(old, new)
     assert [(r.slot, r.old_role, r.new_role) for r in d.role_changes] == [(Slot(3, 3), MOE, ATTENTION)]
     # heads over 13 GPUs: 0-17 stay on the first six; (2,0) keeps 18-19, (2,1) 20-21, ...
@@ -280,7 +283,7 @@ def test_diff_12_to_13():
 
 
 def test_diff_12_to_10():
-    old, new = make_plan(Config(), 12), make_plan(Config(), 10)
+    old, new = plan_of_move(Config(), 12), plan_of_move(Config(), 10)
     d = check_diff(old, new)
     assert [(r.slot, r.old_role, r.new_role) for r in d.role_changes] == [
         (Slot(0, 2), ATTENTION, MOE), (Slot(1, 2), ATTENTION, MOE)]
@@ -295,7 +298,7 @@ def test_diff_12_to_10():
 
 @pytest.mark.parametrize("a, b", [(k1, k2) for k1 in range(8, 15) for k2 in range(8, 15)])
 def test_diff_any_pair(a, b):
-    d = check_diff(make_plan(Config(), a), make_plan(Config(), b))
+    d = check_diff(plan_of_move(Config(), a), plan_of_move(Config(), b))
     assert len(d.role_changes) == abs(a - b)
     assert d.is_empty == (a == b)
 
@@ -376,8 +379,8 @@ def test_checkpointing_and_scaling():
         off = M.estimate_gpu(cfg.replace(**{"train.activation_checkpointing": False}), plan, g)
         assert off.activations_bytes == e.activations_full_bytes
     # a MoE GPU's activations scale with its experts; an attention GPU's with micro-batch size
-    plan9 = make_plan(cfg, 9)
-    three, two = M.moe_activations(cfg, 3), M.moe_activations(cfg, 2)
+    plan9 = plan_of_move(cfg, 9)
+    three, two = M.moe_activations(cfg, 3, 12), M.moe_activations(cfg, 2, 12)
     assert three.checkpointed_bytes() * 2 == two.checkpointed_bytes() * 3
     assert M.estimate_gpu(cfg, plan9, plan9.gpus[9]).total_bytes > M.estimate_gpu(cfg, plan9, plan9.gpus[15]).total_bytes
     half = cfg.replace(**{"train.micro_batch_size": 32, "train.gradient_accumulation_steps": 32})
@@ -387,7 +390,7 @@ def test_checkpointing_and_scaling():
 def test_micro_batches_in_flight_multiply_saved_activations():
     cfg = Config()
     two = cfg.replace(**{"schedule.micro_batches_in_flight": 2})
-    for make in (lambda c: M.attention_activations(c, 3, 12), lambda c: M.moe_activations(c, 4)):
+    for make in (lambda c: M.attention_activations(c, 3, 12), lambda c: M.moe_activations(c, 4, 12)):
         one, both = make(cfg), make(two)
         assert both.full_bytes() == 2 * one.full_bytes()
         assert both.checkpointed_bytes() == 2 * one.checkpointed_bytes()
@@ -437,7 +440,7 @@ def test_reference_model_matches_the_sum_of_the_shards(local_cfg, k):
     from ma_ray.model import reference
     model = reference.MoETransformer(local_cfg)
     assert count(model) == M.model_params(local_cfg)
-    plan = make_plan(local_cfg, k)
+    plan = plan_of_move(local_cfg, k)
     sharded = sum(M.estimate_gpu(local_cfg, plan, g).parameters for g in plan.gpus)
     assert count(model) == sharded - (k - 1) * M.attention_replicated_params(local_cfg)
 
@@ -457,7 +460,7 @@ def test_time_model_seed_values():
 
 def test_time_model_follows_the_split_and_config():
     cfg = Config()
-    t9 = predict_stage_times(cfg, make_plan(cfg, 9))  # 7 MoE GPUs: 3,3,2,2,2,2,2 experts
+    t9 = predict_stage_times(cfg, plan_of_move(cfg, 9))  # 7 MoE GPUs: 3,3,2,2,2,2,2 experts
     assert t9.active_experts == 3 and math.isclose(t9.t_moe_s, 0.0008 + 0.000045 * 16384 + 0.000012 * 3)
     assert attention_time([1.0, 0.5, 0.25], 2, 4) == 1.0 + 1.0 + 1.0
     assert moe_time([1.0, 0.5, 0.25], 2, 4) == 3.0

@@ -71,20 +71,44 @@ def test_default_run_folders_are_unique():
     assert first != second and first.parent == Path("runs")
 
 
-def test_resume_with_nothing_to_do_says_so_without_ray(capsys, tmp_path):
-    import ray
-
+def _run_at_step_3(tmp_path, split: int) -> Path:
+    """A run folder whose one checkpoint (meta only) is step 3's, at ``split`` attention GPUs."""
     folder = tmp_path / "run"
     checkpoints = folder / "checkpoints"
     (checkpoints / "step-00000003").mkdir(parents=True)
-    (checkpoints / "step-00000003" / "meta.json").write_text(json.dumps({"step": 3, "attention_gpus": 4}))
+    (checkpoints / "step-00000003" / "meta.json").write_text(json.dumps({"step": 3, "attention_gpus": split}))
     (checkpoints / "latest").write_text("step-00000003\n")
     (folder / "config.yaml").write_text(CONFIG.read_text())
+    return folder
+
+
+def test_resume_with_nothing_to_do_says_so_without_ray(capsys, tmp_path):
+    import ray
+
+    folder = _run_at_step_3(tmp_path, 4)
     for steps in ("4", "2"):
         t0 = time.monotonic()
         code, out, err = run(capsys, "train", "--resume", str(folder), "--steps", steps)
         assert code == 0 and err == "" and time.monotonic() - t0 < 10 and not ray.is_initialized()
         assert "already at step 4" in out and out.count("\n") == 1
+
+
+def test_a_resume_runs_at_its_checkpoints_split_unless_another_is_asked(capsys, tmp_path, monkeypatch):
+    """The split is settled at the entry point: the checkpoint's (3 here, the config's is 4), or
+    --attention-gpus; train() gets it inside the config."""
+    import ma_ray.train as T
+
+    folder = _run_at_step_3(tmp_path, 3)
+    checkpoints = folder / "checkpoints"
+    seen = []
+    monkeypatch.setattr(T, "resume_point", lambda root, step=None: root / "step-00000003")
+    monkeypatch.setattr(T, "train", lambda cfg, out, job_id, resume=None: seen.append((cfg, resume)) or {"text": ""})
+    assert run(capsys, "train", "--resume", str(folder), "--steps", "10")[0] == 0
+    assert seen[-1][0].cluster.attention_gpus == 3 and seen[-1][1] == checkpoints / "step-00000003"
+    assert run(capsys, "train", "--resume", str(folder), "--steps", "10", "--attention-gpus", "5")[0] == 0
+    assert seen[-1][0].cluster.attention_gpus == 5
+    code, _, err = run(capsys, "train", "--resume", str(folder), "--steps", "10", "--attention-gpus", "6")
+    assert code == 2 and err.startswith("ma-ray: error: --attention-gpus: 6 is outside")
 
 
 def test_steps_is_the_lr_schedules_length():

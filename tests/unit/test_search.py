@@ -39,7 +39,7 @@ def test_stage_times_are_the_controllers_predictor():
     result = search(cfg, REDUCERS)
     rows = on_seed_topology(result)
     assert {p.layout.attention_gpus for p in rows} == set(predictor.splits())
-    for p in rows + [result.seed]:
+    for p in rows + [result.configured]:
         want = predictor.predict(p.layout.attention_gpus)
         assert p.t_attention_s == pytest.approx(want.t_attention_s, rel=1e-12)
         assert p.t_moe_s == pytest.approx(want.t_moe_s, rel=1e-12)
@@ -85,7 +85,7 @@ def test_rows_over_memory_are_counted_and_left_out(capsys):
     assert len(tight.rows) == tight.candidates - tight.over_memory
     assert all(p.peak_moe_gb <= 40 for p in tight.rows)
     # The configured layout's MoE GPUs need 46.2 GB: still shown, for comparison, marked.
-    assert tight.seed is not None and not tight.seed.fits
+    assert tight.configured is not None and not tight.configured.fits
     code, out, err = run(capsys, "plan", "--search", "--set", "memory.moe_gpu_budget_gb=40")
     assert code == 0 and err == ""
     assert f"{tight.over_memory} left out: over the memory budget" in out

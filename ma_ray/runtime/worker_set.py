@@ -1,5 +1,6 @@
-"""The driver's handle on a running MA-separated job: the placement group, the worker group (one
-actor per GPU slot, ``runtime.worker_group``), and the plan they run.
+"""One set of a job's workers: the placement group, the worker group (one actor per GPU slot,
+``runtime.worker_group``), and the plan they run. A job (``control.controller``) has one at a
+time; a restart builds a new set, a move keeps the set and gives it a new plan.
 
 It only moves scalars (losses, timings): tensors cross between workers through the collective
 groups. ``export`` is the exception, for verification: it gathers parameters, gradients or
@@ -19,7 +20,7 @@ import torch
 
 from ma_ray.comm.torch_backend import strict_requested
 from ma_ray.parallel.diff import diff_plans
-from ma_ray.parallel.placement import make_plan
+from ma_ray.parallel.placement import make_plan, plan_of_move
 from ma_ray.runtime import residuals
 from ma_ray.runtime.cluster import reserve_gpus
 from ma_ray.runtime.links import generation_groups, worker_name
@@ -31,16 +32,18 @@ from ma_ray.runtime.worker_group import WorkerGroup
 CLOSE_TIMEOUT_S = 30.0  # shutting down is best effort: the actors are killed after it
 
 
-class TrainingJob:
-    def __init__(self, cfg, dataset, attention_gpus: int | None = None, name: str | None = None,
-                 torch_threads: int | None = None, checkpoint: str | None = None, generation: int = 0):
-        """``generation``: the first generation's number; a job restarted after a failure starts
-        past its predecessor's, so its collective groups get names no dead process still holds."""
+class WorkerSet:
+    def __init__(self, cfg, dataset, name: str | None = None, torch_threads: int | None = None,
+                 checkpoint: str | None = None, generation: int = 0):
+        """Workers for ``cfg`` at its split. ``name``: the placement group's name and the prefix
+        of the collective groups' names; ``generation``: the number of its first groups, past any
+        a dead set held (docs/architecture.md#lifetimes-and-their-names). A move (``move_to``)
+        changes ``plan``, never ``cfg``."""
         if strict_requested(cfg.comm.strict_nccl) and not cfg.comm.strict_nccl:
             cfg = cfg.replace(**{"comm.strict_nccl": True})  # MA_RAY_STRICT_NCCL=1 reaches every worker
         self.cfg = cfg
         self.name = name or f"ma-{uuid.uuid4().hex[:8]}"
-        self.plan = make_plan(cfg, attention_gpus)
+        self.plan = make_plan(cfg)
         self.generation = generation
         self._shut = False
         self.pg = reserve_gpus(cfg.cluster, self.name)
@@ -67,8 +70,8 @@ class TrainingJob:
         """A slot's worker as errors name it: its place and its role in the current plan."""
         return f"{worker_name(*slot)} ({self.plan.replica_at(slot).at_slot(slot).role})"
 
-    def apply_split(self, attention_gpus: int, timeout_s: Optional[float] = None) -> dict:
-        """Move to ``attention_gpus`` attention GPUs: heads, experts and their AdamW moments go
+    def move_to(self, target: int, timeout_s: Optional[float] = None) -> dict:
+        """Move to ``target`` attention GPUs: heads, experts and their AdamW moments go
         from their old to their new owners (worker to worker), GPUs whose role changes become
         workers of the other pool, and the collective groups are rebuilt. Only what moves
         travels (``migration.plan_shipments``): every old worker cuts exactly the names its new
@@ -76,11 +79,11 @@ class TrainingJob:
         what moved, the bytes each worker received from each other (``received_bytes``) and the
         pause it cost. ``timeout_s`` bounds the workers' move (default ``control.worker_timeout_s``)."""
         # The policy's range may have been changed at run time; the caller checked it.
-        new_plan = make_plan(self.cfg, attention_gpus, within_policy=False)
+        new_plan = plan_of_move(self.cfg, target)
         t0 = time.perf_counter()
         diff = diff_plans(self.plan, new_plan)
         if diff.is_empty:
-            return {"attention_gpus": attention_gpus, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0,
+            return {"attention_gpus": target, "pause_s": 0.0, "moved_heads": 0, "moved_experts": 0,
                     "shipped_bytes": 0, "received_bytes": {}}
         # Each replica's workers trade among themselves, worker to worker, all replicas at once.
         shipments = [s for old, new in zip(self.plans, new_plan.replica_plans())
@@ -107,7 +110,7 @@ class TrainingJob:
         self._release_rendezvous_actors(old_generation, old_plan)
         received = {worker_name(*slot): answer["loaded_bytes"] for slot, answer in sorted(answers.items())
                     if answer["loaded_bytes"]}
-        return {"attention_gpus": attention_gpus, "pause_s": time.perf_counter() - t0,
+        return {"attention_gpus": target, "pause_s": time.perf_counter() - t0,
                 "moved_heads": len(diff.head_moves), "moved_experts": len(diff.expert_moves),
                 "role_changes": len(diff.role_changes),
                 "shipped_bytes": sum(n for by_src in received.values() for n in by_src.values()),
